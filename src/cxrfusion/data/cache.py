@@ -1,0 +1,170 @@
+"""Pre-resized uint8 image cache: decode every radiograph once, then train from a memory map.
+
+Layout in the output folder, for a cache of side `size`:
+    images_<size>.npy    uint8 array (N, size, size), row i holds names[i]
+    images_<size>.json   {"size", "names", "failed": {name: reason}}
+
+The array is written into `.images_<size>.partial.npy` with a bitmap of finished rows saved after every
+chunk, so an interrupted build resumes where it stopped; the finished files are renamed into place, so a
+reader never sees a half-built cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cxrfusion.atomic import write_atomic
+from cxrfusion.data.imageio import read_resized
+from cxrfusion.errors import CxrError
+
+log = logging.getLogger(__name__)
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """An opened cache: a read-only memory map plus the row of each image name."""
+
+    images: np.ndarray
+    rows: dict[str, int]
+    failed: dict[str, str]
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def rows_for(self, names: Sequence[str], where: Path | str = "cache") -> np.ndarray:
+        """Cache rows of `names`; a name the cache lacks or could not decode is an error."""
+        missing = [n for n in names if n not in self.rows or n in self.failed]
+        if missing:
+            raise CxrError(
+                f"{where}: {len(missing)} image(s) not in the cache, e.g. {missing[0]}: "
+                "run `cxrfusion prepare` again on this data"
+            )
+        return np.fromiter((self.rows[n] for n in names), dtype=np.int64, count=len(names))
+
+
+def cache_files(out: Path, size: int) -> tuple[Path, Path]:
+    """The array and manifest paths of a cache of side `size` in `out`."""
+    return out / f"images_{size}.npy", out / f"images_{size}.json"
+
+
+def open_cache(out: Path, size: int) -> ImageCache:
+    """Open a finished cache read-only (memory-mapped, so workers share the page cache)."""
+    array_path, manifest_path = cache_files(out, size)
+    if not array_path.exists() or not manifest_path.exists():
+        raise CxrError(f"{array_path}: no image cache of size {size}; run `cxrfusion prepare`")
+    manifest = json.loads(manifest_path.read_text())
+    images = np.load(array_path, mmap_mode="r")
+    names = manifest["names"]
+    if images.shape != (len(names), size, size):
+        raise CxrError(f"{array_path}: shape {images.shape} does not match its manifest")
+    return ImageCache(images, {n: i for i, n in enumerate(names)}, manifest["failed"])
+
+
+def _fingerprint(paths: Sequence[Path], size: int) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    for path in paths:
+        digest.update(str(path).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _decode(job: tuple[int, Path, int]) -> tuple[int, np.ndarray | None, str | None]:
+    index, path, size = job
+    try:
+        return index, read_resized(path, size), None
+    except CxrError as error:
+        return index, None, str(error)
+
+
+def build_cache(
+    paths: Sequence[Path], out: Path, size: int = 256, workers: int = 1, progress: bool = True
+) -> ImageCache:
+    """Decode and resize every image into the cache (resuming an interrupted build).
+
+    Args:
+        paths: image files, in the order of their cache rows; names (file names) must be unique.
+        out: folder that receives the cache.
+        size: side of the stored square images; the loader resizes to the model's input from here,
+            so keep it a little above the input (256 for 224) to leave room for zoom augmentation.
+        workers: decoding processes (decoding PNGs is the slow part: use all cores).
+        progress: show a progress bar.
+
+    Returns the opened cache. Images that fail to decode are recorded in `failed` (file: reason)
+    with a blank row; the caller decides whether that is fatal.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    array_path, manifest_path = cache_files(out, size)
+    names = [p.name for p in paths]
+    fingerprint = _fingerprint(paths, size)
+    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == (
+        fingerprint
+    ):
+        log.info("image cache %s is up to date", array_path)
+        return open_cache(out, size)
+
+    partial = out / f".images_{size}.partial.npy"
+    state_path = out / f".images_{size}.partial.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if partial.exists() and state.get("fingerprint") == fingerprint:
+        images = np.load(partial, mmap_mode="r+")
+        packed = np.frombuffer(bytes.fromhex(state["done"]), dtype=np.uint8)
+        done = np.unpackbits(packed, count=len(paths)).astype(bool)
+        failed = state["failed"]
+        log.info("resuming image cache: %d of %d done", done.sum(), len(paths))
+    else:
+        images = np.lib.format.open_memmap(partial, "w+", np.uint8, (len(paths), size, size))
+        done = np.zeros(len(paths), dtype=bool)
+        failed = {}
+
+    todo = np.flatnonzero(~done)
+    bar = tqdm(total=len(paths), initial=int(done.sum()), desc="image cache", disable=not progress)
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Serial() as pool:
+        for start in range(0, len(todo), CHUNK):
+            jobs = [(int(i), paths[i], size) for i in todo[start : start + CHUNK]]
+            for index, image, error in pool.map(_decode, jobs, chunksize=16):
+                if error is None:
+                    images[index] = image
+                else:
+                    images[index] = 0
+                    failed[names[index]] = error
+                done[index] = True
+            images.flush()  # rows on disk before they are marked done
+            state = {
+                "fingerprint": fingerprint,
+                "done": np.packbits(done).tobytes().hex(),
+                "failed": failed,
+            }
+            write_atomic(state_path, json.dumps(state))
+            bar.update(len(jobs))
+    bar.close()
+    del images
+
+    manifest = {"size": size, "fingerprint": fingerprint, "names": names, "failed": failed}
+    os.replace(partial, array_path)
+    write_atomic(manifest_path, json.dumps(manifest))
+    state_path.unlink()
+    return open_cache(out, size)
+
+
+class _Serial:
+    """`ProcessPoolExecutor`'s map in this process: no start-up cost for small caches or tests."""
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, fn, items, chunksize: int = 1):
+        return map(fn, items)

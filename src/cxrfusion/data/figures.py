@@ -1,0 +1,60 @@
+"""The data figures of the report: label distribution (Figure 1) and sample radiographs (Figure 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cxrfusion.atomic import atomic_path  # noqa: E402
+from cxrfusion.labels import LABELS  # noqa: E402
+
+
+def save_figure(figure: plt.Figure, path: Path) -> Path:
+    """Save atomically and close (figures are written at the end of long runs)."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))
+    plt.close(figure)
+    return path
+
+
+def plot_label_distribution(split: pd.DataFrame, path: Path) -> Path:
+    """Images per pathology and split (plus No Finding), most frequent first."""
+    counts = split.groupby("split")[list(LABELS)].sum().T
+    counts.loc["No Finding"] = (
+        split.assign(none=split[list(LABELS)].sum(axis=1) == 0).groupby("split")["none"].sum()
+    )
+    counts = counts[[s for s in ("train", "val", "test") if s in counts.columns]]
+    counts = counts.loc[counts.sum(axis=1).sort_values().index]
+    figure, ax = plt.subplots(figsize=(8, 6))
+    counts.plot.barh(stacked=True, ax=ax, color=["#4c72b0", "#dd8452", "#55a868"])
+    ax.set_xlabel("images")
+    ax.set_title(
+        f"Label distribution ({len(split):,} images, {split['Patient ID'].nunique():,} patients)"
+    )
+    for y, total in enumerate(counts.sum(axis=1)):
+        ax.text(total, y, f" {int(total):,}", va="center", fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_sample_grid(images: np.ndarray, labels: list[str], path: Path, columns: int = 4) -> Path:
+    """A grid of radiographs titled with their labels."""
+    rows = int(np.ceil(len(images) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, image, text in zip(np.ravel(axes), images, labels, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(text, fontsize=8, wrap=True)
+    return save_figure(figure, path)
+
+
+def findings_text(row: pd.Series) -> str:
+    """`Effusion | Mass` style text of a split row's positive labels, or No Finding."""
+    positives = [name for name in LABELS if row[name]]
+    return " | ".join(positives) if positives else "No Finding"

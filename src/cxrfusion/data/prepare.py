@@ -1,0 +1,143 @@
+"""`cxrfusion prepare`: label table > checked image list > patient-wise split > image cache > figures."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrfusion.atomic import write_atomic
+from cxrfusion.data.cache import build_cache, open_cache
+from cxrfusion.data.figures import findings_text, plot_label_distribution, plot_sample_grid
+from cxrfusion.data.imageio import check_image
+from cxrfusion.data.nih import find_images, find_table, read_official_lists, read_table
+from cxrfusion.data.split import make_split, summarise, write_split, write_summary
+from cxrfusion.errors import CxrError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How to split and cache a dataset (the defaults are the report's).
+
+    Args:
+        split: "iterative" (patient subset + iterative multi-label stratification) or "official"
+            (NIH's train_val_list.txt / test_list.txt, validation carved out by patient).
+        patient_fraction: share of patients kept (the report uses a random 50 %).
+        val: validation share of images.
+        test: test share of images.
+        seed: seed of the patient subset and of the stratification.
+        size: side of the cached square images (keep it above the model input, 256 for 224).
+        workers: processes decoding images.
+        labels_only: write the split only; no image is opened or required.
+        skip_missing: exclude missing or unreadable images (listed in excluded.csv) instead of stopping.
+    """
+
+    split: str = "iterative"
+    patient_fraction: float = 0.5
+    val: float = 0.1
+    test: float = 0.2
+    seed: int = 0
+    size: int = 256
+    workers: int = 1
+    labels_only: bool = False
+    skip_missing: bool = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` wrote."""
+
+    out: Path
+    split: pd.DataFrame
+    excluded: pd.DataFrame
+    files: list[Path]
+
+
+def _check_images(data_dir: Path, names: list[str]) -> tuple[dict[str, Path], pd.DataFrame]:
+    """Find every listed image and read its header: all problems are known before long work."""
+    found, missing = find_images(data_dir, names)
+    problems = [(name, "listed in the label table but not found") for name in missing]
+    for name, path in found.items():
+        try:
+            check_image(path)
+        except CxrError as error:
+            problems.append((name, str(error)))
+    return found, pd.DataFrame(problems, columns=["Image Index", "reason"])
+
+
+def _refuse(data_dir: Path, problems: pd.DataFrame) -> CxrError:
+    first = problems.iloc[0]
+    return CxrError(
+        f"{data_dir}: {len(problems)} missing or unreadable image(s), first {first['Image Index']}: "
+        f"{first['reason']}; fix them or pass --skip-missing to exclude them"
+    )
+
+
+def prepare(data_dir: Path, out: Path, options: PrepareOptions = PrepareOptions()) -> Prepared:
+    """Index, split and cache a dataset in the NIH layout; see `PrepareOptions`."""
+    table = read_table(find_table(data_dir))
+    excluded = pd.DataFrame(columns=["Image Index", "reason"])
+    if not options.labels_only:
+        found, excluded = _check_images(data_dir, table["Image Index"].tolist())
+        if len(excluded) and not options.skip_missing:
+            raise _refuse(data_dir, excluded)
+        table = table[~table["Image Index"].isin(excluded["Image Index"])]
+    lists = read_official_lists(data_dir) if options.split == "official" else None
+    split = make_split(
+        table,
+        method=options.split,
+        patient_fraction=options.patient_fraction,
+        val=options.val,
+        test=options.test,
+        seed=options.seed,
+        official_lists=lists,
+    )
+    if not options.labels_only:
+        split, excluded = _cache_images(data_dir, out, split, found, excluded, options)
+    return Prepared(out, split, excluded, _write_outputs(out, split, excluded, options))
+
+
+def _cache_images(
+    data_dir: Path,
+    out: Path,
+    split: pd.DataFrame,
+    found: dict[str, Path],
+    excluded: pd.DataFrame,
+    options: PrepareOptions,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Build the cache; images that only fail at decoding are refused or excluded like missing ones."""
+    paths = [found[name] for name in split["Image Index"]]
+    cache = build_cache(paths, out, options.size, options.workers)
+    if cache.failed:
+        failed = pd.DataFrame(list(cache.failed.items()), columns=["Image Index", "reason"])
+        if not options.skip_missing:
+            raise _refuse(data_dir, failed)
+        split = split[~split["Image Index"].isin(failed["Image Index"])]
+        excluded = pd.concat([excluded, failed], ignore_index=True)
+    return split, excluded
+
+
+def _write_outputs(
+    out: Path, split: pd.DataFrame, excluded: pd.DataFrame, options: PrepareOptions
+) -> list[Path]:
+    files = [write_split(split, out), *write_summary(summarise(split), out)]
+    if len(excluded):
+        files.append(write_atomic(out / "excluded.csv", excluded.to_csv(index=False)))
+    files.append(plot_label_distribution(split, out / "label_distribution.png"))
+    if not options.labels_only:
+        files.append(_sample_grid(out, split, options))
+    log.info("prepared %d images in %s", len(split), out)
+    return files
+
+
+def _sample_grid(out: Path, split: pd.DataFrame, options: PrepareOptions) -> Path:
+    cache = open_cache(out, options.size)
+    sample = split.sample(n=min(12, len(split)), random_state=options.seed)
+    rows = cache.rows_for(sample["Image Index"].tolist(), out)
+    titles = [f"{r['Image Index']}\n{findings_text(r)}" for _, r in sample.iterrows()]
+    return plot_sample_grid(np.asarray(cache.images[rows]), titles, out / "sample_images.png")

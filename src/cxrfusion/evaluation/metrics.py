@@ -1,0 +1,262 @@
+"""Per-class ROC-AUC, macro AUC and patient-level bootstrap confidence intervals.
+
+Honest numbers: a class without positives (or without negatives) has no AUC (NaN, never 0) and is left
+out of the macro mean, so it can never lower it; confidence intervals resample *patients*, because the
+images of one patient are not independent cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from cxrfusion.labels import LABELS
+
+logger = logging.getLogger(__name__)
+
+
+def _check_scores(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate an (N, C) pair of 0/1 labels and finite scores; return them as bool and float."""
+    y = np.asarray(y_true)
+    p = np.asarray(y_prob, dtype=float)
+    if y.ndim != 2 or y.shape != p.shape or y.size == 0:
+        raise ValueError(
+            f"y_true {y.shape} and y_prob {p.shape} must share one non-empty (N, C) shape"
+        )
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y_true must hold only 0 and 1")
+    if not np.isfinite(p).all():
+        raise ValueError("y_prob must be finite")
+    return y.astype(bool), p
+
+
+class _SortedScores:
+    """One data set sorted once per class, so that the AUC of any reweighting of its images is cheap.
+
+    A bootstrap resample is a reweighting (weight = how often an image was drawn), so the sort and
+    the tie groups are computed here once and each resample costs one `bincount` over N*C entries.
+    The AUC is the Mann-Whitney statistic with ties counted one half (what midranks give).
+    """
+
+    def __init__(self, y_true: np.ndarray, y_prob: np.ndarray) -> None:
+        n_images, n_classes = y_prob.shape
+        order = np.argsort(y_prob, axis=0, kind="stable")
+        sorted_prob = np.take_along_axis(y_prob, order, axis=0)
+        starts_group = np.ones_like(sorted_prob, dtype=bool)
+        starts_group[1:] = sorted_prob[1:] != sorted_prob[:-1]
+        # Class-major flattening numbers the tie groups of class c after those of class c - 1.
+        group = np.cumsum(starts_group.T.ravel()) - 1
+        positive = np.take_along_axis(y_true, order, axis=0).T.ravel()
+        self.image = order.T.ravel()
+        self.key = 2 * group + positive
+        self.n_groups = int(group[-1]) + 1
+        self.first_group = group[::n_images]
+        self.class_of_group = np.repeat(
+            np.arange(n_classes), np.diff(np.append(self.first_group, self.n_groups))
+        )
+
+    def auc(self, weights: np.ndarray) -> np.ndarray:
+        """Per-class AUC with image i counted `weights[i]` times; NaN where a class lacks either side."""
+        counts = np.bincount(self.key, weights=weights[self.image], minlength=2 * self.n_groups)
+        neg, pos = counts[0::2], counts[1::2]
+        below = np.cumsum(neg) - neg
+        below -= below[self.first_group][self.class_of_group]
+        wins = np.add.reduceat(pos * (below + 0.5 * neg), self.first_group)
+        n_pos = np.add.reduceat(pos, self.first_group)
+        n_neg = np.add.reduceat(neg, self.first_group)
+        defined = (n_pos > 0) & (n_neg > 0)
+        return np.where(defined, wins / np.where(defined, n_pos * n_neg, 1.0), np.nan)
+
+
+def per_class_auc(
+    y_true: np.ndarray, y_prob: np.ndarray, sample_weight: np.ndarray | None = None
+) -> np.ndarray:
+    """ROC-AUC of each class (equal to `sklearn.metrics.roc_auc_score`, ties included).
+
+    Args:
+        y_true: (N, C) 0/1 ground truth.
+        y_prob: (N, C) scores; any monotone score works (probabilities or logits).
+        sample_weight: (N,) non-negative weight of each image, e.g. how often a bootstrap drew it;
+            None counts every image once.
+
+    Returns:
+        (C,) AUCs; NaN for a class with no positives or no negatives.
+    """
+    y, p = _check_scores(y_true, y_prob)
+    weights = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    if weights.shape != (len(y),) or (weights < 0).any():
+        raise ValueError(f"sample_weight must be {len(y)} non-negative numbers")
+    return _SortedScores(y, p).auc(weights)
+
+
+def macro_auc(aucs: np.ndarray) -> float:
+    """Mean of the defined per-class AUCs: a NaN class (no positives) never lowers it.
+
+    Returns NaN when no class is defined.
+    """
+    aucs = np.asarray(aucs, dtype=float)
+    defined = aucs[~np.isnan(aucs)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def _percentile_interval(samples: np.ndarray, level: float) -> tuple[float, float, int]:
+    """Percentile interval of the non-NaN bootstrap samples, and how many there were."""
+    valid = samples[~np.isnan(samples)]
+    if valid.size == 0:
+        return float("nan"), float("nan"), 0
+    tail = 50.0 * (1.0 - level)
+    low, high = np.percentile(valid, [tail, 100.0 - tail])
+    return float(low), float(high), int(valid.size)
+
+
+def bootstrap_auc_ci(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    groups: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """Per-class and macro AUC with percentile confidence intervals from a patient bootstrap.
+
+    Each resample draws patients with replacement and takes all images of every drawn patient
+    (a cluster bootstrap). A resample in which a class lacks positives or negatives is skipped for
+    that class; the macro AUC averages the classes defined on the full data, so a resample that
+    loses one of them is skipped for the macro (its mean would estimate a different quantity).
+
+    Args:
+        y_true: (N, C) 0/1 ground truth.
+        y_prob: (N, C) scores.
+        groups: (N,) patient id of each image; images sharing an id are resampled together.
+        n_resamples: bootstrap resamples (1000 gives stable 95 % bounds).
+        seed: seed of the numpy Generator that draws the patients.
+        level: coverage of the interval, in (0, 1).
+
+    Returns:
+        dict with `auc`, `ci_low`, `ci_high` ((C,) arrays), `n_valid` ((C,) resamples used per
+        class), `macro_auc`, `macro_ci_low`, `macro_ci_high`, `macro_n_valid`, `n_images`,
+        `n_patients`, `n_resamples`, `level`, `seed`. Undefined values are NaN.
+    """
+    y, p = _check_scores(y_true, y_prob)
+    groups = np.asarray(groups)
+    if groups.shape != (len(y),):
+        raise ValueError(
+            f"groups must hold one patient id per image ({len(y)}), got {groups.shape}"
+        )
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    _, patient = np.unique(groups, return_inverse=True)
+    n_patients = int(patient.max()) + 1
+
+    scores = _SortedScores(y, p)
+    point = scores.auc(np.ones(len(y)))
+    defined = ~np.isnan(point)
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    replicates = np.empty((n_resamples, y.shape[1]))
+    for b in range(n_resamples):
+        drawn = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
+        replicates[b] = scores.auc(drawn[patient].astype(float))
+    logger.debug(
+        "bootstrap: %d resamples of %d patients in %.2f s",
+        n_resamples,
+        n_patients,
+        time.perf_counter() - started,
+    )
+
+    columns = [_percentile_interval(replicates[:, c], level) for c in range(y.shape[1])]
+    # All-defined classes only: a NaN in any of them makes the resample's mean NaN (skipped).
+    macro_low, macro_high, macro_valid = _percentile_interval(
+        replicates[:, defined].mean(axis=1) if defined.any() else np.full(n_resamples, np.nan),
+        level,
+    )
+    return {
+        "auc": point,
+        "ci_low": np.array([c[0] for c in columns]),
+        "ci_high": np.array([c[1] for c in columns]),
+        "n_valid": np.array([c[2] for c in columns]),
+        "macro_auc": macro_auc(point),
+        "macro_ci_low": macro_low,
+        "macro_ci_high": macro_high,
+        "macro_n_valid": macro_valid,
+        "n_images": len(y),
+        "n_patients": n_patients,
+        "n_resamples": n_resamples,
+        "level": level,
+        "seed": seed,
+    }
+
+
+def roc_curve_points(
+    y_true: np.ndarray, y_prob: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """ROC curve (fpr, tpr) of each class, for plotting; None for a class without both sides."""
+    y, p = _check_scores(y_true, y_prob)
+    curves: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for c in range(y.shape[1]):
+        if y[:, c].all() or not y[:, c].any():
+            curves.append(None)
+            continue
+        fpr, tpr, _ = roc_curve(y[:, c], p[:, c])
+        curves.append((fpr, tpr))
+    return curves
+
+
+def _json_number(value: float) -> float | None:
+    """A float for JSON: None instead of NaN (JSON has no NaN)."""
+    return None if np.isnan(value) else float(value)
+
+
+def auc_summary(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    groups: np.ndarray,
+    labels: Sequence[str] = LABELS,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """JSON-ready AUC table: per class and macro AUC with patient-bootstrap CIs; null for undefined.
+
+    Args:
+        y_true, y_prob, groups, n_resamples, seed, level: as in `bootstrap_auc_ci`.
+        labels: one name per column of `y_true`, in column order (the 14 pathologies by default).
+
+    Returns:
+        {"classes": {label: {auc, ci_low, ci_high, positives, negatives}},
+         "macro": {auc, ci_low, ci_high}, "n_images", "n_patients", "n_resamples", "level", "seed"}
+    """
+    y = np.asarray(y_true)
+    if y.ndim != 2 or y.shape[1] != len(labels):
+        raise ValueError(f"y_true has shape {y.shape}, expected (N, {len(labels)}) for the labels")
+    ci = bootstrap_auc_ci(y, y_prob, groups, n_resamples=n_resamples, seed=seed, level=level)
+    positives = y.astype(bool).sum(axis=0)
+    classes = {
+        label: {
+            "auc": _json_number(ci["auc"][c]),
+            "ci_low": _json_number(ci["ci_low"][c]),
+            "ci_high": _json_number(ci["ci_high"][c]),
+            "positives": int(positives[c]),
+            "negatives": int(len(y) - positives[c]),
+        }
+        for c, label in enumerate(labels)
+    }
+    return {
+        "classes": classes,
+        "macro": {
+            "auc": _json_number(ci["macro_auc"]),
+            "ci_low": _json_number(ci["macro_ci_low"]),
+            "ci_high": _json_number(ci["macro_ci_high"]),
+        },
+        "n_images": ci["n_images"],
+        "n_patients": ci["n_patients"],
+        "n_resamples": n_resamples,
+        "level": level,
+        "seed": seed,
+    }

@@ -1,0 +1,118 @@
+"""What is learned: the model, its loss, the validation metrics and the optimiser (Lightning module)."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from cxrfusion.data.transforms import normalize
+from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
+from cxrfusion.labels import LABELS
+from cxrfusion.models.registry import create_model
+from cxrfusion.training.losses import create_loss
+
+MONITOR = "val_auc_macro"
+
+
+class CxrClassifier(L.LightningModule):
+    """A multi-label classifier trained on uint8 radiographs; `forward` returns logits.
+
+    Args:
+        model: registry name (simple_cnn, densenet121, efficientnet_b0, fusion or a timm name).
+        weights: "imagenet", "none" or a local weights file (see `cxrfusion models --help`).
+        loss: "focal", "bce" or "asl"; focal_alpha / focal_gamma tune the focal loss.
+        lr: learning rate of phase 1 (the whole run for models without a pretrained backbone).
+        min_lr: floor of the reduce-on-plateau schedule.
+        plateau_patience / plateau_factor: epochs without a better validation AUC before the
+            learning rate is multiplied by the factor.
+        channels_last: NHWC memory layout (faster convolutions on CPU and tensor cores).
+    """
+
+    def __init__(
+        self,
+        model: str = "simple_cnn",
+        weights: str = "none",
+        loss: str = "focal",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        lr: float = 1e-3,
+        min_lr: float = 1e-5,
+        plateau_patience: int = 2,
+        plateau_factor: float = 0.1,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(model, num_classes=len(LABELS), weights=weights)
+        self.loss_fn = create_loss(loss, focal_alpha, focal_gamma)
+        self.backbone_frozen = False
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self._memory_format)
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 radiographs (B, 1, H, W) -> logits (B, 14)."""
+        return self.model(normalize(images).contiguous(memory_format=self._memory_format))
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """Phase 1 trains the head alone; its BatchNorm statistics stay as pretrained."""
+        self.backbone_frozen = frozen and self.model.has_backbone
+        self.model.freeze_backbone(self.backbone_frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CxrClassifier:
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            for module in self.model.backbone_modules():
+                module.eval()
+        return self
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, targets = batch[0], batch[1]
+        loss = self.loss_fn(self(images), targets)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        images, targets, indices = batch
+        logits = self(images)
+        self.log("val_loss", self.loss_fn(logits, targets), on_epoch=True, sync_dist=True)
+        self._val_outputs.append((torch.sigmoid(logits.float()), targets, indices))
+
+    def on_validation_epoch_end(self) -> None:
+        probs, targets = self._gather_unique(self._val_outputs)
+        self._val_outputs.clear()
+        aucs = per_class_auc(targets, probs)  # NaN for a class without positives, never 0
+        self.log(MONITOR, float(np.nan_to_num(macro_auc(aucs), nan=0.5)), prog_bar=True)
+        for name, auc in zip(LABELS, aucs, strict=True):
+            self.log(f"val_auc/{name}", float(auc))
+
+    def _gather_unique(self, outputs: list) -> tuple[np.ndarray, np.ndarray]:
+        """All validation predictions across processes, each image once.
+
+        A distributed sampler pads the last batch with repeated images, which would shift the AUC
+        with the number of GPUs; the dataset index of every sample lets us drop the repeats.
+        """
+        probs, targets, indices = (torch.cat(part) for part in zip(*outputs, strict=True))
+        if self.trainer.world_size > 1:
+            probs, targets, indices = (
+                self.all_gather(t).flatten(0, 1) for t in (probs, targets, indices)
+            )
+        _, first = np.unique(indices.cpu().numpy(), return_index=True)
+        return probs.cpu().numpy()[first], targets.cpu().numpy()[first]
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr)
+        scheduler = ReduceLROnPlateau(
+            optimizer,
+            mode="max",
+            factor=self.hparams.plateau_factor,
+            patience=self.hparams.plateau_patience,
+            min_lr=self.hparams.min_lr,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR, "interval": "epoch"},
+        }

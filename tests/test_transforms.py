@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from cxrfusion.data.transforms import (
+    Augmentation,
+    augment,
+    check_model_input,
+    normalize,
+    resize,
+)
+from cxrfusion.errors import CxrError
+
+NONE = Augmentation(flip=0.0, rotate_deg=0.0, zoom=0.0, brightness=0.0)
+
+
+def _left_bright(n: int = 4, side: int = 64) -> np.ndarray:
+    images = np.zeros((n, side, side), dtype=np.uint8)
+    images[:, :, : side // 2] = 200
+    return images
+
+
+def test_augmentation_with_all_ranges_zero_is_a_plain_resize():
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    same = augment(images, 64, NONE)
+    np.testing.assert_array_equal(same, images)
+
+
+def test_flip_mirrors_left_and_right():
+    flipped = augment(_left_bright(), 64, Augmentation(flip=1.0, rotate_deg=0, zoom=0, brightness=0))
+    assert flipped[:, :, :30].mean() < 5 and flipped[:, :, 34:].mean() > 195
+
+
+def test_augmentation_changes_images_within_its_ranges():
+    torch.manual_seed(0)
+    images = _left_bright(64)
+    out = augment(images, 48, Augmentation(flip=0.0, rotate_deg=10, zoom=0.1, brightness=0.1))
+    assert out.shape == (64, 48, 48) and out.dtype == np.uint8
+    assert len({o.tobytes() for o in out}) == 64  # every image drew its own parameters
+    bright = out[:, 20:28, 2:10].astype(float).mean(axis=(1, 2))  # well inside the bright half
+    assert 200 * 0.9 - 2 <= bright.min() and bright.max() <= 200 * 1.1 + 2
+
+
+def test_augmentation_repeats_under_the_same_seed():
+    images = _left_bright(8)
+    torch.manual_seed(3)
+    first = augment(images, 32, Augmentation())
+    torch.manual_seed(3)
+    np.testing.assert_array_equal(first, augment(images, 32, Augmentation()))
+
+
+def test_resize_goes_to_the_model_input_side():
+    assert resize(_left_bright(2, 64), 32).shape == (2, 32, 32)
+
+
+def test_normalize_gives_three_imagenet_channels():
+    x = normalize(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2))
+    assert x.shape == (1, 3, 1, 2)
+    np.testing.assert_allclose(x[0, :, 0, 0], [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225], 1e-5)
+    np.testing.assert_allclose(x[0, :, 0, 1], [0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225], 1e-5)
+    check_model_input(x)
+
+
+@pytest.mark.parametrize("scale", [255.0, 1.0])
+def test_unnormalised_input_is_refused_loudly(scale):
+    raw = torch.rand(1, 3, 8, 8) * scale
+    if scale == 1.0:
+        raw = raw * 4  # a 0..4 range no normalised image reaches
+    with pytest.raises(CxrError, match="normalised range"):
+        check_model_input(raw)
+
+
+def test_invalid_augmentation_settings_are_rejected():
+    with pytest.raises(ValueError, match="flip"):
+        Augmentation(flip=1.5)
+    with pytest.raises(ValueError, match="below 1"):
+        Augmentation(zoom=1.0)
