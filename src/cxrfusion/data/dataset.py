@@ -6,16 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from cxrfusion.data.cache import open_cache
+from cxrfusion.data.split import SPLITS, read_split
 from cxrfusion.data.transforms import Augmentation, augment, resize
-from cxrfusion.errors import CxrError
 from cxrfusion.labels import LABELS
 
-SPLITS = ("train", "val", "test")
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -70,25 +68,20 @@ class CachedXrayDataset(Dataset):
         return list(zip(images, self.targets[indices], torch.tensor(indices), strict=True))
 
 
-def read_split(path: Path) -> pd.DataFrame:
-    """Read a split.csv written by `cxrfusion prepare`, checking its columns."""
-    if not path.exists():
-        raise CxrError(f"{path}: split file not found; run `cxrfusion prepare` first")
-    split = pd.read_csv(path, dtype={"Image Index": str})
-    missing = [c for c in ("Image Index", "Patient ID", "split", *LABELS) if c not in split.columns]
-    if missing:
-        raise CxrError(f"{path}: missing column(s) {', '.join(missing)}")
-    return split
-
-
 def split_datasets(
     prepared: Path,
     cache_size: int = 256,
     input_size: int = 224,
     augmentation: Augmentation | None = None,
+    split_file: Path | None = None,
 ) -> dict[str, CachedXrayDataset]:
-    """The train/val/test datasets of a prepared folder; augmentation applies to train only."""
-    split = read_split(prepared / "split.csv")
+    """The train/val/test datasets of a prepared folder; augmentation applies to train only.
+
+    Args:
+        prepared: folder written by `cxrfusion prepare` (image cache, split.csv).
+        split_file: another split.csv over the same images, e.g. the copy in a run directory.
+    """
+    split = read_split(split_file or prepared / "split.csv")
     cache = open_cache(prepared, cache_size)
     datasets = {}
     for name in SPLITS:

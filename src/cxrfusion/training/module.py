@@ -57,17 +57,9 @@ class CxrClassifier(L.LightningModule):
         return self.model(normalize(images).contiguous(memory_format=self._memory_format))
 
     def freeze_backbone(self, frozen: bool) -> None:
-        """Phase 1 trains the head alone; its BatchNorm statistics stay as pretrained."""
+        """Phase 1 trains the head alone (the model keeps frozen BatchNorm statistics too)."""
         self.backbone_frozen = frozen and self.model.has_backbone
         self.model.freeze_backbone(self.backbone_frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> CxrClassifier:
-        super().train(mode)
-        if mode and self.backbone_frozen:
-            for module in self.model.backbone_modules():
-                module.eval()
-        return self
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, targets = batch[0], batch[1]
