@@ -88,7 +88,12 @@ def _decode(job: tuple[int, Path, int]) -> tuple[int, np.ndarray | None, str | N
 
 
 def build_cache(
-    paths: Sequence[Path], out: Path, size: int = 256, workers: int = 1, progress: bool = True
+    paths: Sequence[Path],
+    out: Path,
+    size: int = 256,
+    workers: int = 1,
+    progress: bool = True,
+    allow_failures: bool = False,
 ) -> ImageCache:
     """Decode and resize every image into the cache (resuming an interrupted build).
 
@@ -99,9 +104,9 @@ def build_cache(
             so keep it a little above the input (256 for 224) to leave room for zoom augmentation.
         workers: decoding processes (decoding PNGs is the slow part: use all cores).
         progress: show a progress bar.
-
-    Returns the opened cache. Images that fail to decode are recorded in `failed` (file: reason)
-    with a blank row; the caller decides whether that is fatal.
+        allow_failures: publish the cache even if some images fail to decode (they are recorded
+            in `failed`, file: reason, with a blank row). Otherwise such failures raise CxrError
+            and the decoded rows stay in the hidden partial files, so the next run resumes.
     """
     out.mkdir(parents=True, exist_ok=True)
     array_path, manifest_path = cache_files(out, size)
@@ -149,6 +154,12 @@ def build_cache(
             bar.update(len(jobs))
     bar.close()
     del images
+    if failed and not allow_failures:
+        reason = next(iter(failed.values()))
+        raise CxrError(
+            f"{len(failed)} image(s) could not be decoded, first {reason}; fix them or pass "
+            "--skip-missing to exclude them (decoded images are kept for the next run)"
+        )
 
     manifest = {"size": size, "fingerprint": fingerprint, "names": names, "failed": failed}
     os.replace(partial, array_path)

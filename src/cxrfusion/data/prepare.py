@@ -112,11 +112,11 @@ def _cache_images(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build the cache; images that only fail at decoding are refused or excluded like missing ones."""
     paths = [found[name] for name in split["Image Index"]]
-    cache = build_cache(paths, out, options.size, options.workers)
+    cache = build_cache(
+        paths, out, options.size, options.workers, allow_failures=options.skip_missing
+    )
     if cache.failed:
         failed = pd.DataFrame(list(cache.failed.items()), columns=["Image Index", "reason"])
-        if not options.skip_missing:
-            raise _refuse(data_dir, failed)
         split = split[~split["Image Index"].isin(failed["Image Index"])]
         excluded = pd.concat([excluded, failed], ignore_index=True)
     return split, excluded
