@@ -132,12 +132,14 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from cxrfusion.models.registry import count_parameters, create_model, list_models
+    from cxrfusion.models import count_parameters, create_model, list_models
 
     print(f"{'model':<18}{'total':>14}{'phase 1':>14}{'phase 2':>14}")
     for name in list_models():
         counts = count_parameters(create_model(name, weights="none"))
-        print(f"{name:<18}{counts['total']:>14,}{counts['phase1']:>14,}{counts['phase2']:>14,}")
+        print(
+            f"{name:<18}{counts['total']:>14,}{counts['phase1_trainable']:>14,}{counts['phase2_trainable']:>14,}"
+        )
 
 
 TRAIN_HELP = {

@@ -10,7 +10,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from cxrfusion.data.transforms import normalize
 from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
 from cxrfusion.labels import LABELS
-from cxrfusion.models.registry import create_model
+from cxrfusion.models import create_model
 from cxrfusion.training.losses import create_loss
 
 MONITOR = "val_auc_macro"

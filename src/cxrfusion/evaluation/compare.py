@@ -1,0 +1,206 @@
+"""Compare evaluated runs on the same images: per-class AUC of each and DeLong tests (Table 2).
+
+Each run's evaluation folder holds a `predictions.csv` (one row per image: `Image Index`, the 14
+mean probabilities named after the labels and the truth as `true_<label>`). The runs must have been
+evaluated on the same images with the same labels, because DeLong's test is paired.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrfusion.atomic import atomic_path, write_atomic
+from cxrfusion.errors import CxrError
+from cxrfusion.evaluation.delong import delong_test, holm
+from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
+from cxrfusion.evaluation.report import Section, render_html, render_markdown
+from cxrfusion.labels import LABELS
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.csv"
+MACRO = "Macro"
+TRUE_COLUMNS = [f"true_{label}" for label in LABELS]
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """The comparison table and what it was computed from.
+
+    Attributes:
+        table: index = the 14 labels then "Macro"; columns `positives`, one AUC column per model
+            (named after it), then per non-reference model `p (<name> vs <reference>)`: DeLong's
+            two-sided p-value, Holm-corrected across the classes tested; NaN where untestable
+            (fewer than two positives) and in the Macro row.
+        names: the models, in input order.
+        reference: the model the others are tested against.
+        eval_dirs: the evaluation folders, in input order.
+        n_images: images compared (the same in every run).
+    """
+
+    table: pd.DataFrame
+    names: list[str]
+    reference: str
+    eval_dirs: list[Path]
+    n_images: int
+
+
+def p_column(name: str, reference: str) -> str:
+    """Name of the table column with the p-values of `name` against `reference`."""
+    return f"p ({name} vs {reference})"
+
+
+def _default_name(eval_dir: Path) -> str:
+    """`runs/fusion/eval_test` -> fusion: an evaluation folder is named after its split."""
+    eval_dir = Path(eval_dir).resolve()
+    return eval_dir.parent.name if eval_dir.name.startswith("eval") else eval_dir.name
+
+
+def _read_predictions(eval_dir: Path) -> pd.DataFrame:
+    """A run's predictions indexed by image, checked for the columns a comparison needs."""
+    path = Path(eval_dir) / PREDICTIONS
+    if not path.is_file():
+        raise CxrError(f"{path}: missing; run `cxrfusion evaluate` for this run first")
+    frame = pd.read_csv(path)
+    missing = [c for c in ["Image Index", *LABELS, *TRUE_COLUMNS] if c not in frame.columns]
+    if missing:
+        raise CxrError(f"{path}: missing columns {', '.join(missing)}")
+    if frame["Image Index"].duplicated().any():
+        raise CxrError(f"{path}: an image appears more than once in 'Image Index'")
+    return frame.set_index("Image Index")
+
+
+def _aligned(eval_dirs: Sequence[Path]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Truth (N, 14) and each run's probabilities (N, 14), rows in the first run's image order."""
+    frames = [_read_predictions(d) for d in eval_dirs]
+    first = frames[0]
+    for eval_dir, frame in zip(eval_dirs[1:], frames[1:], strict=True):
+        only_here = frame.index.difference(first.index)
+        only_first = first.index.difference(frame.index)
+        if len(only_here) or len(only_first):
+            raise CxrError(
+                f"{eval_dir}: its images differ from {eval_dirs[0]} ({len(only_here)} only here, "
+                f"{len(only_first)} only there); compare runs evaluated on the same split"
+            )
+        truth = frame.loc[first.index, TRUE_COLUMNS].to_numpy()
+        if not np.array_equal(truth, first[TRUE_COLUMNS].to_numpy()):
+            raise CxrError(f"{eval_dir}: its true labels differ from those of {eval_dirs[0]}")
+    y = first[TRUE_COLUMNS].to_numpy().astype(np.uint8)
+    probs = [frame.loc[first.index, list(LABELS)].to_numpy(dtype=float) for frame in frames]
+    return y, probs
+
+
+def _holm_delong(y: np.ndarray, prob: np.ndarray, prob_reference: np.ndarray) -> np.ndarray:
+    """Per-class DeLong p-values of one model against the reference, Holm-corrected."""
+    raw = [delong_test(y[:, c], prob[:, c], prob_reference[:, c])[2] for c in range(y.shape[1])]
+    return holm(np.array(raw))
+
+
+def compare_runs(
+    eval_dirs: Sequence[Path], names: Sequence[str] | None = None, reference: str | None = None
+) -> ComparisonResult:
+    """Per-class AUC of several runs on the same images, with DeLong tests against a reference.
+
+    Args:
+        eval_dirs: evaluation folders, each holding a `predictions.csv`.
+        names: one display name per folder; default: the run folder's name (the parent of an
+            `eval_*` folder, otherwise the folder itself).
+        reference: the model the others are tested against; default: the best macro AUC (the
+            first such on a tie), so the p-values ask "is this model worse than the best one?".
+
+    Raises:
+        CxrError: a predictions file is missing or malformed, the runs' images or labels differ,
+            names are duplicated or do not match the folders, or `reference` is not a name.
+    """
+    eval_dirs = [Path(d) for d in eval_dirs]
+    if not eval_dirs:
+        raise ValueError("compare_runs needs at least one evaluation folder")
+    names = [_default_name(d) for d in eval_dirs] if names is None else list(names)
+    if len(names) != len(eval_dirs):
+        raise CxrError(f"got {len(names)} names for {len(eval_dirs)} evaluation folders")
+    if len(set(names)) != len(names):
+        raise CxrError(f"model names must be unique, got {', '.join(names)}; pass names")
+    y, probs = _aligned(eval_dirs)
+
+    aucs = {name: per_class_auc(y, prob) for name, prob in zip(names, probs, strict=True)}
+    macros = {name: macro_auc(auc) for name, auc in aucs.items()}
+    if reference is None:
+        reference = max(names, key=lambda n: -np.inf if np.isnan(macros[n]) else macros[n])
+    elif reference not in names:
+        raise CxrError(f"reference {reference!r} is not one of the models: {', '.join(names)}")
+    logger.info("comparing %d runs on %d images, reference %s", len(names), len(y), reference)
+
+    index = [*LABELS, MACRO]
+    table = pd.DataFrame(index=pd.Index(index, name="label"))
+    table["positives"] = [*y.sum(axis=0).tolist(), int(y.any(axis=1).sum())]
+    for name in names:
+        table[name] = [*aucs[name], macros[name]]
+    prob_reference = probs[names.index(reference)]
+    for name, prob in zip(names, probs, strict=True):
+        if name != reference:
+            table[p_column(name, reference)] = [*_holm_delong(y, prob, prob_reference), np.nan]
+    return ComparisonResult(table, names, reference, eval_dirs, len(y))
+
+
+def _format_p(p: float) -> str:
+    """A p-value for reading: 3 significant digits, "< 0.001" below that, blank when untested."""
+    if np.isnan(p):
+        return ""
+    return "< 0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def _display_table(result: ComparisonResult) -> pd.DataFrame:
+    """The table with AUCs to 3 decimals and readable p-values, as text."""
+    shown = result.table.astype(object)
+    for column in shown.columns:
+        if column.startswith("p ("):
+            shown[column] = [_format_p(p) for p in result.table[column]]
+        elif column in result.names:
+            shown[column] = [f"{a:.3f}" if not np.isnan(a) else "" for a in result.table[column]]
+    return shown
+
+
+def _notes(result: ComparisonResult) -> str:
+    return (
+        f"AUC per pathology of each model on the same {result.n_images:,} images; "
+        "Macro is the mean over the classes with positives and negatives, and its positives "
+        "count is the images with at least one finding. "
+        f"p: DeLong's two-sided test of each model against {result.reference} (the reference), "
+        "Holm-corrected across the classes tested; blank where a class has fewer than two "
+        "positives or negatives."
+    )
+
+
+def write_comparison(result: ComparisonResult, out: Path) -> list[Path]:
+    """Write `comparison.csv` (full precision), `comparison.md` and `comparison.html` into `out`.
+
+    The CSV has the table's columns, `label` first; NaN is an empty cell. The Markdown and the
+    self-contained HTML show AUCs to 3 decimals and p-values to 3 significant digits.
+
+    Args:
+        out: folder to write into (created if missing).
+
+    Returns:
+        The three paths: md, csv, html.
+    """
+    out = Path(out)
+    title = "Model comparison"
+    section = Section(
+        "Per-class ROC-AUC and DeLong tests",
+        text=_notes(result)
+        + "\n\n"
+        + "\n".join(f"- {n}: {d}" for n, d in zip(result.names, result.eval_dirs, strict=True)),
+        table=_display_table(result),
+    )
+    md_path = write_atomic(out / "comparison.md", render_markdown(title, [section], out))
+    csv_path = out / "comparison.csv"
+    with atomic_path(csv_path) as tmp:
+        result.table.to_csv(tmp)
+    html_path = write_atomic(out / "comparison.html", render_html(title, [section]))
+    return [md_path, csv_path, html_path]
