@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -252,11 +253,131 @@ def _train(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir}")
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="per-class AUC with CIs, MC dropout, calibration, Grad-CAM, report.html",
+        description="Evaluate a trained run on one split: predictions.csv (mean and std per "
+        "pathology, uncertainty, review flag), metrics.json (per-class and macro ROC-AUC with "
+        "patient-bootstrap 95 %% CIs, ECE, Brier, referral curve), figures and a self-contained "
+        "report.html.",
+        epilog="example: cxrfusion evaluate --run runs/fusion --temperature-scale",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run", type=Path, help="run directory (uses its best.ckpt)")
+    where.add_argument("--checkpoint", type=Path, help="a checkpoint inside a run directory")
+    p.add_argument(
+        "--split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="split to evaluate (default test)",
+    )
+    p.add_argument("--mc-samples", type=int, default=25, help="MC-dropout passes T (default 25)")
+    p.add_argument(
+        "--mc-mode",
+        choices=("head", "full"),
+        default="head",
+        help="head: backbone once + T head passes (fast, default); full: T whole passes",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.1,
+        help="flag images whose uncertainty (mean of the 14 stds) exceeds this "
+        "(default 0.1, the report's)",
+    )
+    p.add_argument(
+        "--temperature-scale",
+        action="store_true",
+        help="fit one temperature per class on the validation split",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="patient-bootstrap resamples for the CIs (default 1000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of dropout masks and bootstrap")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pass (default 64)")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=4,
+        help="images shown in the prediction grid and explained by Grad-CAM",
+    )
+    p.add_argument("--out", type=Path, help="output folder (default <run>/eval_<split>)")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
+
+    options = EvaluateOptions(
+        split=args.split,
+        mc_samples=args.mc_samples,
+        mc_mode=args.mc_mode,
+        threshold=args.threshold,
+        temperature_scale=args.temperature_scale,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        examples=args.examples,
+    )
+    out = evaluate(args.run or args.checkpoint, args.out, options)
+    metrics = json.loads((out / "metrics.json").read_text())
+    macro = metrics["auc"]["macro"]
+    print(
+        f"macro ROC-AUC {macro['auc']:.4f} (95 % CI {macro['ci_low']} - {macro['ci_high']}), "
+        f"{metrics['uncertainty']['flagged']} of {metrics['counts']['images']} flagged"
+    )
+    print(f"report: {out / 'report.html'}")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="the report's Table 2 for any set of runs, with DeLong tests",
+        description="Per-class ROC-AUC of several evaluated runs side by side (the report's Table "
+        "2) with DeLong p-values of each model against a reference, Holm-corrected across the 14 "
+        "classes. Each run must have been evaluated on the same images (`cxrfusion evaluate`).",
+        epilog="example: cxrfusion compare runs/simple_cnn runs/fusion --out runs/comparison",
+    )
+    p.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        help="run directories (their eval_<split> folder) or evaluation folders",
+    )
+    p.add_argument("--split", default="test", help="which eval_<split> folder to read")
+    p.add_argument("--reference", help="model name to test against (default: best macro AUC)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/comparison"),
+        help="output folder (default runs/comparison)",
+    )
+    p.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from cxrfusion.evaluation.compare import compare_runs, write_comparison
+
+    folders = [
+        r / f"eval_{args.split}" if (r / f"eval_{args.split}").is_dir() else r for r in args.runs
+    ]
+    result = compare_runs(folders, reference=args.reference)
+    files = write_comparison(result, args.out)
+    print(files[0].read_text())
+    print("wrote " + ", ".join(str(f) for f in files))
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_synth,
     _add_prepare,
     _add_models,
     _add_train,
+    _add_evaluate,
+    _add_compare,
 )
 
 

@@ -68,7 +68,7 @@ def _write_run_files(config: TrainConfig, run_dir: Path) -> None:
     environment = {
         "cxrfusion": cxrfusion.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "lightning": L.__version__,
         "command": " ".join(sys.argv),
     }

@@ -1,0 +1,82 @@
+"""Monte-Carlo dropout predictions over a whole split, and their predictions.csv table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cxrfusion.data.dataset import CachedXrayDataset
+from cxrfusion.data.transforms import normalize
+from cxrfusion.evaluation.uncertainty import flag, mc_dropout_samples
+from cxrfusion.labels import LABELS
+from cxrfusion.models import CxrModel
+
+
+def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 batch from the loader -> normalised channels-last input on `device`."""
+    x = normalize(images.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def predict_samples(
+    model: CxrModel,
+    dataset: CachedXrayDataset,
+    samples: int = 25,
+    mode: str = "head",
+    batch_size: int = 64,
+    seed: int = 0,
+) -> np.ndarray:
+    """Probabilities (T, N, 14) of T dropout samples for every image of `dataset`, in order.
+
+    Args:
+        model: the trained network in eval mode, on its device.
+        dataset: the split to predict (no augmentation).
+        samples: T stochastic passes; 1 with dropout off would be the deterministic prediction.
+        mode: "head" (backbone once, head T times) or "full" (T whole passes).
+        seed: seeds the dropout masks of each batch, so a run repeats exactly.
+    """
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out = []
+    for batch, (images, _, _) in enumerate(tqdm(loader, desc="MC dropout", unit="batch")):
+        probs = mc_dropout_samples(model, model_input(images, device), samples, mode, seed + batch)
+        out.append(probs.float().cpu().numpy())
+    return np.concatenate(out, axis=1)
+
+
+@torch.inference_mode()
+def predict_logits(model: CxrModel, dataset: CachedXrayDataset, batch_size: int = 64) -> np.ndarray:
+    """Deterministic logits (N, 14) with dropout off (used to fit temperatures)."""
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model.eval()
+    return np.concatenate(
+        [model(model_input(x, device)).float().cpu().numpy() for x, _, _ in loader]
+    )
+
+
+def predictions_table(
+    split: pd.DataFrame, summary: dict[str, np.ndarray], threshold: float
+) -> pd.DataFrame:
+    """The predictions.csv table: mean and std per label, uncertainty, review flag, truth.
+
+    Args:
+        split: the split.csv rows of the predicted images, in prediction order.
+        summary: `summarise_samples` output for those images.
+        threshold: per-image uncertainty above which an image is flagged for review.
+    """
+    table = split[["Image Index", "Patient ID"]].reset_index(drop=True)
+    means = pd.DataFrame(summary["mean"], columns=list(LABELS))
+    stds = pd.DataFrame(summary["std"], columns=[f"{label}_std" for label in LABELS])
+    truth = split[list(LABELS)].reset_index(drop=True)
+    truth.columns = [f"true_{label}" for label in LABELS]
+    extra = pd.DataFrame(
+        {
+            "uncertainty": summary["uncertainty"],
+            "flag": flag(summary["uncertainty"], threshold).astype(int),
+        }
+    )
+    return pd.concat([table, means, stds, extra, truth], axis=1)
