@@ -45,6 +45,8 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/mc_dropout.py
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
