@@ -13,8 +13,10 @@ PHANTOM_SIZE = 64  # test_training.py relies on this side
 
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory) -> Path:
-    """1,200 phantom radiographs in the NIH layout (made once per test session)."""
-    return synthesize(tmp_path_factory.mktemp("phantoms"), n=1200, seed=0, size=PHANTOM_SIZE)
+    """2,000 phantom radiographs in the NIH layout (made once per test session)."""
+    return synthesize(
+        tmp_path_factory.mktemp("phantoms"), n=2000, seed=0, size=PHANTOM_SIZE, workers=2
+    )
 
 
 @pytest.fixture(scope="session")

@@ -73,7 +73,10 @@ def test_a_finished_cache_is_reused_and_a_changed_image_list_rebuilds(tmp_path, 
 def test_undecodable_images_are_recorded_with_their_reason(tmp_path):
     paths = _write_pngs(tmp_path / "images", 3)
     paths[1].write_bytes(paths[1].read_bytes()[:60])  # truncated
-    cache = build_cache(paths, tmp_path / "out", size=16, progress=False)
+    with pytest.raises(CxrError, match=f"1 image.*{paths[1].name}"):
+        build_cache(paths, tmp_path / "out", size=16, progress=False)
+    assert not cache_files(tmp_path / "out", 16)[0].exists()
+    cache = build_cache(paths, tmp_path / "out", size=16, progress=False, allow_failures=True)
     assert list(cache.failed) == [paths[1].name]
     assert paths[1].name in cache.failed[paths[1].name]
     with pytest.raises(CxrError, match="not in the cache"):
