@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(CX) synth --out $(DEMO)/phantoms --n 2000 --seed 0 --workers 2
 	$(CX) prepare --data $(DEMO)/phantoms --out $(DEMO)/prepared --size 128 --patient-fraction 1.0 --workers 2
 	$(CX) train --prepared $(DEMO)/prepared --model simple_cnn --out $(DEMO)/simple_cnn $(QUICK) --input-size 64 --epochs 16 --lr 3e-3 --plateau-patience 20 --early-stop-patience 20
-	$(CX) train --prepared $(DEMO)/prepared --model fusion --out $(DEMO)/fusion $(QUICK) --input-size 64 --epochs 5 --phase1-epochs 0 --lr 3e-4
+	$(CX) train --prepared $(DEMO)/prepared --model fusion --out $(DEMO)/fusion $(QUICK) --input-size 64 --epochs 3 --phase1-epochs 0 --lr 3e-4
 	$(CX) evaluate --run $(DEMO)/simple_cnn
 	$(CX) evaluate --run $(DEMO)/fusion --temperature-scale
 	$(CX) compare $(DEMO)/simple_cnn $(DEMO)/fusion --out $(DEMO)/comparison
