@@ -326,9 +326,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = evaluate(args.run or args.checkpoint, args.out, options)
     metrics = json.loads((out / "metrics.json").read_text())
     macro = metrics["auc"]["macro"]
+    ci = "n/a" if macro["ci_low"] is None else f"{macro['ci_low']:.3f} - {macro['ci_high']:.3f}"
     print(
-        f"macro ROC-AUC {macro['auc']:.4f} (95 % CI {macro['ci_low']} - {macro['ci_high']}), "
-        f"{metrics['uncertainty']['flagged']} of {metrics['counts']['images']} flagged"
+        f"macro ROC-AUC {macro['auc']:.4f} (95 % CI {ci}), "
+        f"{metrics['uncertainty']['flagged']} of {metrics['counts']['images']} images flagged"
     )
     print(f"report: {out / 'report.html'}")
 
