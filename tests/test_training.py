@@ -15,7 +15,10 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from cxrfusion.cli import main
+from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.split import read_split, write_split
+from cxrfusion.evaluation.calibration import apply_temperature, fit_temperature, nll
+from cxrfusion.evaluation.predictions import predict_logits
 from cxrfusion.inference import load_run
 from cxrfusion.labels import LABELS
 from cxrfusion.training.config import TrainConfig
@@ -175,3 +178,17 @@ def test_evaluate_a_trained_run_end_to_end(simple_cnn_run):
         assert got == pytest.approx(expected, abs=1e-9) if expected is not None else got is None
     assert set(metrics["temperature"]) == set(LABELS)
     assert list(out.glob("gradcam_*.png"))
+
+
+def test_temperature_scaling_does_not_worsen_validation_nll_of_a_trained_model(simple_cnn_run):
+    model, config = load_run(simple_cnn_run)
+    val = split_datasets(
+        Path(config.prepared), config.cache_size, config.input_size,
+        split_file=simple_cnn_run / "split.csv",
+    )["val"]  # fmt: skip
+    logits, targets = predict_logits(model.model, val), val.targets.numpy()
+    temperature = fit_temperature(logits, targets)
+    before = nll(targets, apply_temperature(logits, 1.0))
+    after = nll(targets, apply_temperature(logits, temperature))
+    assert after <= before + 1e-12
+    assert (temperature != 1.0).any()  # a fit happened: the model is not already calibrated
