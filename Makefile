@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml
 # The whole pipeline on built-in phantoms, CPU-sized: synth > prepare > train two models >
 # evaluate both > compare. Each step is the CLI a user would type.
 CX := $(BIN)/cxrfusion
-QUICK := --weights none --cache-size 128 --workers 2 --batch-size 32
+QUICK := --weights none --cache-size 128 --workers 2
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(CX) synth --out $(DEMO)/phantoms --n 2000 --seed 0 --workers 2
 	$(CX) prepare --data $(DEMO)/phantoms --out $(DEMO)/prepared --size 128 --patient-fraction 1.0 --workers 2
-	$(CX) train --prepared $(DEMO)/prepared --model simple_cnn --out $(DEMO)/simple_cnn $(QUICK) --input-size 64 --epochs 16 --lr 3e-3 --plateau-patience 20 --early-stop-patience 20
-	$(CX) train --prepared $(DEMO)/prepared --model fusion --out $(DEMO)/fusion $(QUICK) --input-size 64 --epochs 3 --phase1-epochs 0 --lr 3e-4
+	$(CX) train --prepared $(DEMO)/prepared --model simple_cnn --out $(DEMO)/simple_cnn $(QUICK) --input-size 64 --batch-size 8 --epochs 12 --lr 3e-3 --plateau-patience 20 --early-stop-patience 20
+	$(CX) train --prepared $(DEMO)/prepared --model fusion --out $(DEMO)/fusion $(QUICK) --input-size 64 --epochs 4 --phase1-epochs 0 --lr 3e-4
 	$(CX) evaluate --run $(DEMO)/simple_cnn
 	$(CX) evaluate --run $(DEMO)/fusion --temperature-scale
 	$(CX) compare $(DEMO)/simple_cnn $(DEMO)/fusion --out $(DEMO)/comparison

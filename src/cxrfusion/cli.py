@@ -238,7 +238,7 @@ def train_config(args: argparse.Namespace) -> object:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from cxrfusion.training.fit import train
+    from cxrfusion.training.fit import best_epoch, train
 
     config = train_config(args)
     if args.data:
@@ -250,7 +250,8 @@ def _train(args: argparse.Namespace) -> None:
             PrepareOptions(size=config.cache_size, workers=max(config.workers, 1)),
         )
     run_dir = train(config, resume=args.resume)
-    print(f"run directory: {run_dir}")
+    epoch, auc = best_epoch(run_dir)
+    print(f"best validation macro AUC {auc:.3f} (epoch {epoch}); run directory: {run_dir}")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -404,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("lightning.pytorch").propagate = False  # it has its own handler
     try:
         args.func(args)
     except CxrError as error:

@@ -2,8 +2,9 @@
 
 No real X-ray may be committed, so `synthesize` writes a label table and PNGs that look like NIH's:
 a body, two lung fields with vascular markings, heart, ribs, clavicles, spine and trachea, varied in
-anatomy, pose, exposure and noise, plus one visible sign per pathology (see `_SIGNS`). Each patient
-keeps their anatomy, findings and lesion sites across follow-ups, so image-wise splits leak.
+anatomy, pose, exposure and noise, plus one visible sign per pathology (see `_SIGNS`, drawn at
+`_CONSPICUITY` times its natural contrast). Each patient keeps their anatomy, findings and lesion
+sites across follow-ups, so image-wise splits leak.
 
 Labels co-occur as in NIH (Effusion with Cardiomegaly, Edema, Atelectasis; Infiltration with
 Pneumonia; ...) and follow NIH's order of prevalence, with about half the images `No Finding`. Expected
@@ -88,6 +89,11 @@ _COMORBID = {  # P(second finding | first finding), after NIH's co-occurrence ta
     "Mass": {"Nodule": 0.15},
     "Fibrosis": {"Pleural_Thickening": 0.15},
 }
+# Every sign's change to the healthy chest is drawn this many times stronger than its anatomy
+# alone would make it: at 64 px, drawn 1:1, a nodule is ~10 pixels of the 4,096 and the report's
+# CNN (no normalisation layer) sits on the label-prior plateau for ~10 epochs; at 2.5x it learns
+# in a CPU minute (0.87 validation macro AUC after 7 epochs, measured in tests/test_training.py).
+_CONSPICUITY = 2.5
 _FORMATS = (
     ((2500, 2048), 0.168),
     ((2048, 2500), 0.168),
@@ -277,10 +283,12 @@ def _render(active: np.ndarray, seed: int, patient: int, index: int, size: int) 
     """Pixels of one image: the patient fixes anatomy and lesion sites, the image pose and noise."""
     rng = _stream(seed, _IMAGE, index, 0)
     scene = _draw_chest(_anatomy(_stream(seed, _PATIENT, patient, 0)), rng, size)
+    healthy = scene.att.copy()
     for name, sign in _SIGNS.items():
         key = LABEL_INDEX[name] + 1  # each sign its own streams: adding one changes nothing else
         if active[key - 1]:
             sign(scene, _stream(seed, _PATIENT, patient, key), _stream(seed, _IMAGE, index, key))
+    scene.att = healthy + _CONSPICUITY * (scene.att - healthy)
     return _expose(scene.att, rng)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -132,3 +133,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     )
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=last if resume else None)
     return run_dir
+
+
+def best_epoch(run_dir: Path) -> tuple[int, float]:
+    """The epoch with the best validation macro AUC in a run's metrics.csv, and that AUC."""
+    history = pd.read_csv(run_dir / "metrics.csv")
+    best = history[MONITOR].idxmax()
+    return int(history["epoch"][best]), float(history[MONITOR][best])
