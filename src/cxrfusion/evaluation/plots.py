@@ -210,13 +210,13 @@ def plot_referral_curve(curve: dict, path: Path) -> Path:
         f"{auc[-1]:.3f} on {curve['n_retained'][-1]:,} images",
         (percent[-1], auc[-1]),
         textcoords="offset points",
-        xytext=(-6, -8),
+        xytext=(-6, 8),
         ha="right",
-        va="top",
+        va="bottom",
         fontsize=8,
     )
     ax.margins(y=0.15)
     ax.set(xlabel="most uncertain images referred (%)", ylabel="macro ROC-AUC")
     ax.set_title("Referral: AUC on the images the model keeps")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")  # clear of the curve, whichever way it goes
     return save_figure(figure, path)
