@@ -31,7 +31,7 @@ QUICK = dict(
     cache_size=PHANTOM_SIZE, input_size=PHANTOM_SIZE, weights="none", workers=0, batch_size=32
 )
 # The report's CNN has no normalisation layer: batch 8 gives Adam four times the steps per epoch
-# of batch 32, which gets it off the label-prior plateau in a few epochs (~75 s on 2 cores).
+# of batch 32, which gets it off the label-prior plateau in a few epochs (~80 s on 2 cores).
 LEARN = dict(
     **(QUICK | dict(batch_size=8)), epochs=12, lr=3e-3, plateau_patience=20, early_stop_patience=20
 )
