@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from cxrfusion.data.cache import build_cache
 from cxrfusion.data.dataset import CachedXrayDataset
 from cxrfusion.data.imageio import read_resized
-from cxrfusion.data.transforms import Augmentation
+from cxrfusion.data.options import Augmentation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih14-fullres" / "images"
 

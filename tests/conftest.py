@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cxrfusion.data.prepare import PrepareOptions, prepare
+from cxrfusion.data.options import PrepareOptions
+from cxrfusion.data.prepare import prepare
 from cxrfusion.data.synthetic import synthesize
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -3,6 +3,8 @@
 import gzip
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -252,3 +254,14 @@ def test_prepare_builds_the_cache_from_real_nih_images(tmp_path, capsys):
         cache.images[cache.rows[name]],
         read_resized(SHARED / "nih14-sample" / "images" / name, 64),
     )
+
+
+def test_help_answers_without_loading_the_model_stack():
+    # Every parser is built for --help: reading defaults must not import torch or sklearn.
+    code = (
+        "import sys; from cxrfusion.cli import build_parser; build_parser(); "
+        "print(sorted({'torch', 'sklearn', 'cv2'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -2,13 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxrfusion.data.transforms import (
-    Augmentation,
-    augment,
-    check_model_input,
-    normalize,
-    resize,
-)
+from cxrfusion.data.options import Augmentation
+from cxrfusion.data.transforms import augment, check_model_input, normalize, resize
 from cxrfusion.errors import CxrError
 
 NONE = Augmentation(flip=0.0, rotate_deg=0.0, zoom=0.0, brightness=0.0)

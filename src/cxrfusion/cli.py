@@ -45,7 +45,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    from cxrfusion.data.prepare import PrepareOptions
+    from cxrfusion.data.options import PrepareOptions
 
     d = PrepareOptions()
     p = sub.add_parser(
@@ -96,7 +96,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from cxrfusion.data.prepare import PrepareOptions, prepare
+    from cxrfusion.data.options import PrepareOptions
+    from cxrfusion.data.prepare import prepare
 
     options = PrepareOptions(
         split=args.split,
@@ -210,7 +211,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             for key, text in AUGMENTATION_HELP.items():
                 p.add_argument(f"--{key.replace('_', '-')}", type=float, default=None, help=text)
             continue
-        kind = {bool: _bool, int: int, float: float}.get(type(getattr(TrainConfig(), f.name)), str)
+        kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
         p.add_argument(
             f"--{f.name.replace('_', '-')}", type=kind, default=None, help=TRAIN_HELP[f.name]
         )
@@ -242,7 +243,8 @@ def _train(args: argparse.Namespace) -> None:
 
     config = train_config(args)
     if args.data:
-        from cxrfusion.data.prepare import PrepareOptions, prepare
+        from cxrfusion.data.options import PrepareOptions
+        from cxrfusion.data.prepare import prepare
 
         prepare(
             args.data,

@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import Dataset
 
 from cxrfusion.data.cache import open_cache
+from cxrfusion.data.options import Augmentation
 from cxrfusion.data.split import SPLITS, read_split
-from cxrfusion.data.transforms import Augmentation, augment, resize
+from cxrfusion.data.transforms import augment, resize
 from cxrfusion.labels import LABELS
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -14,38 +14,11 @@ from cxrfusion.data.cache import build_cache, open_cache
 from cxrfusion.data.figures import findings_text, plot_label_distribution, plot_sample_grid
 from cxrfusion.data.imageio import check_image
 from cxrfusion.data.nih import find_images, find_table, read_official_lists, read_table
+from cxrfusion.data.options import PrepareOptions
 from cxrfusion.data.split import make_split, summarise, write_split, write_summary
 from cxrfusion.errors import CxrError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PrepareOptions:
-    """How to split and cache a dataset (the defaults are the report's).
-
-    Args:
-        split: "iterative" (patient subset + iterative multi-label stratification) or "official"
-            (NIH's train_val_list.txt / test_list.txt, validation carved out by patient).
-        patient_fraction: share of patients kept (the report uses a random 50 %).
-        val: validation share of images.
-        test: test share of images.
-        seed: seed of the patient subset and of the stratification.
-        size: side of the cached square images (keep it above the model input, 256 for 224).
-        workers: processes decoding images.
-        labels_only: write the split only; no image is opened or required.
-        skip_missing: exclude missing or unreadable images (listed in excluded.csv) instead of stopping.
-    """
-
-    split: str = "iterative"
-    patient_fraction: float = 0.5
-    val: float = 0.1
-    test: float = 0.2
-    seed: int = 0
-    size: int = 256
-    workers: int = 1
-    labels_only: bool = False
-    skip_missing: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,43 +8,17 @@ which moves a quarter of the bytes to the GPU and keeps the loader far above 1,0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
+from cxrfusion.data.options import Augmentation
 from cxrfusion.errors import CxrError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads would fight them
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """The report's light augmentation, applied to training images only.
-
-    Args:
-        flip: probability of a horizontal flip.
-        rotate_deg: rotation drawn uniformly from [-rotate_deg, +rotate_deg] degrees.
-        zoom: scale drawn uniformly from [1 - zoom, 1 + zoom] (above 1 zooms in).
-        brightness: intensity factor drawn uniformly from [1 - brightness, 1 + brightness].
-    """
-
-    flip: float = 0.5
-    rotate_deg: float = 10.0
-    zoom: float = 0.1
-    brightness: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.flip <= 1.0:
-            raise ValueError(f"flip must be a probability in [0, 1], got {self.flip}")
-        for name in ("rotate_deg", "zoom", "brightness"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.zoom >= 1 or self.brightness >= 1:
-            raise ValueError("zoom and brightness must be below 1 (they are relative changes)")
 
 
 def _warp_matrix(source: int, size: int, angle: float, scale: float, flip: bool) -> np.ndarray:

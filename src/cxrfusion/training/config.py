@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from cxrfusion.data.transforms import Augmentation
+from cxrfusion.data.options import Augmentation
 from cxrfusion.errors import CxrError
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 import cxrfusion
 from cxrfusion.atomic import write_atomic
 from cxrfusion.data.dataset import split_datasets
-from cxrfusion.data.transforms import Augmentation
+from cxrfusion.data.options import Augmentation
 from cxrfusion.errors import CxrError
 from cxrfusion.training.callbacks import AtomicCheckpointIO, EpochMetrics, TwoPhaseTraining
 from cxrfusion.training.config import TrainConfig
