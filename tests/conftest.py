@@ -7,6 +7,8 @@ import pytest
 from cxrfusion.data.options import PrepareOptions
 from cxrfusion.data.prepare import prepare
 from cxrfusion.data.synthetic import synthesize
+from cxrfusion.training.config import TrainConfig
+from cxrfusion.training.fit import train
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHANTOM_SIZE = 64  # test_training.py relies on this side
@@ -34,3 +36,25 @@ def nih_sample() -> Path:
     if not folder.exists():
         pytest.skip(f"real NIH sample not found at {folder} (../shared is absent)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def mc_dropout_run(prepared, tmp_path_factory) -> Path:
+    """A trained run shared by every module: timm's tiny `test_efficientnet` under the report's
+    MC-dropout head (the simple CNN has no dropout), 8 epochs at 64 px from random init (~25 s)."""
+    out = tmp_path_factory.mktemp("runs") / "mc_dropout"
+    config = TrainConfig(
+        prepared=str(prepared),
+        out=str(out),
+        model="test_efficientnet",
+        epochs=8,
+        phase1_epochs=0,  # random init: nothing pretrained to keep frozen
+        lr=3e-3,
+        cache_size=PHANTOM_SIZE,
+        input_size=PHANTOM_SIZE,
+        weights="none",
+        workers=0,
+        batch_size=32,
+    )
+    train(config)
+    return out

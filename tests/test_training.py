@@ -53,23 +53,6 @@ def simple_cnn_run(prepared, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def mc_dropout_run(prepared, tmp_path_factory) -> Path:
-    """A tiny timm backbone under the report's MC-dropout head (the simple CNN has no dropout)."""
-    out = tmp_path_factory.mktemp("runs") / "mc_dropout"
-    config = TrainConfig(
-        prepared=str(prepared),
-        out=str(out),
-        model="test_efficientnet",
-        epochs=8,
-        phase1_epochs=0,  # random init: nothing pretrained to keep frozen
-        lr=3e-3,
-        **QUICK,
-    )
-    train(config)
-    return out
-
-
 def test_simple_cnn_learns_the_phantoms(simple_cnn_run):
     history = pd.read_csv(simple_cnn_run / "metrics.csv")
     assert best_epoch(simple_cnn_run)[1] >= 0.85, history
