@@ -56,7 +56,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "split_summary.md/.json, images_<size>.npy, label_distribution.png, sample_images.png.",
     )
     p.add_argument(
-        "--data", type=Path, required=True, help="NIH folder: Data_Entry_2017*.csv + images"
+        "--data",
+        type=Path,
+        required=True,
+        help="NIH folder (Data_Entry_2017*.csv + images), or chestmnist[:64|128|224] (MedMNIST, "
+        "downloaded at first use; its own split) or a chestmnist*.npz file",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
