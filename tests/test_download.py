@@ -9,6 +9,7 @@ import io
 import shutil
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def _archive(first: int, count: int = 4) -> tuple[bytes, dict[str, bytes]]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Serves `server.files`; per file, `server.modes` may hold "norange" (ignore Range) and
-    "drop_once" (send half the body of the first response, then close the connection)."""
+    """Serves `server.files`; per file, `server.modes` may hold "norange" (ignore Range),
+    "drop_once" (send half the body of the first response, then close the connection) and
+    "slow" (trickle the body)."""
 
     def do_GET(self) -> None:
         server = self.server
@@ -71,10 +73,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        if "slow" in modes:  # 64 B every 10 ms
+            for at in range(start, len(body), 64):
+                self.wfile.write(body[at : at + 64])
+                self.wfile.flush()
+                time.sleep(0.01)
+            return
         self.wfile.write(body[start : len(body) // 2] if drop else body[start:])
 
     def log_message(self, *args) -> None:
         return None
+
+
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch):
+    monkeypatch.setattr(download, "RETRY_WAIT_S", 0.01)
 
 
 @pytest.fixture
@@ -82,6 +95,7 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.files, httpd.modes, httpd.requests = {}, {}, []
     httpd.dropped, httpd.lock = set(), threading.Lock()
+    httpd.handle_error = lambda request, address: None  # a client that hung up on purpose
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -200,6 +214,21 @@ def test_a_missing_file_raises_one_line_naming_the_url(served, tmp_path):
         _fetch(tmp_path, server, remotes[2:])
     assert str(error.value) == f"{server.url}/images_002.tar.gz: HTTP 404 Not Found"
     _nothing_looks_complete(tmp_path, 2)
+
+
+def test_an_error_stops_the_other_transfers_and_keeps_their_part_files(
+    served, tmp_path, monkeypatch
+):
+    server, remotes, _ = served
+    data, _ = _archive(100, count=20)  # ~7 kB: about a second at the slow rate
+    server.files["images_001.tar.gz"] = data
+    server.modes["images_001.tar.gz"] = {"slow"}
+    del server.files["images_002.tar.gz"]
+    monkeypatch.setattr(download, "CHUNK", 256)
+    with pytest.raises(CxrError, match="images_002.tar.gz: HTTP 404"):
+        _fetch(tmp_path, server, remotes[1:], workers=2)
+    assert (tmp_path / "images_001.tar.gz.part").stat().st_size < len(data)
+    _nothing_looks_complete(tmp_path, 1)
 
 
 class _FullDisk(io.BufferedWriter):

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +40,7 @@ MARKER = ".cxrfusion-complete"
 ARCHIVE_COUNT = 12
 CHUNK = 1 << 20
 NOT_VERIFIED = "size/checksum not published: not verified"
+RETRY_WAIT_S = 1.0  # before retry k (0-based): RETRY_WAIT_S * 2**k seconds
 
 _BOX = "https://nihcc.box.com/shared/static/"
 _TXRV = "https://raw.githubusercontent.com/mlmed/torchxrayvision/8ef884614164d54e2660947241ab0276b29526e9/torchxrayvision/data/"
@@ -122,6 +123,10 @@ class CorruptArchive(CxrError):
     """An archive that is no valid .tar.gz or holds unsafe paths (never half-extracted)."""
 
 
+class _Stopped(Exception):
+    """Another transfer failed or the user pressed Ctrl-C: this one stops, its `.part` kept."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one file: `status` is downloaded, resumed, already complete, from DIR or
@@ -192,10 +197,20 @@ def download_nih(
     fetcher = _Fetcher(out, base_url, from_dir, keep_archives, retries, bar)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            outcomes = list(pool.map(fetcher.fetch, todo))
+            try:
+                futures = [pool.submit(fetcher.fetch, remote) for remote in todo]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        future.result()  # raises it, before waiting on the others
+                return [future.result() for future in futures]
+            except BaseException:
+                # an error or Ctrl-C: the other transfers stop at their next chunk, .part kept
+                fetcher.stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     finally:
         bar.close()
-    return outcomes
 
 
 def summary(outcomes: Sequence[Outcome], out: Path) -> str:
@@ -266,6 +281,7 @@ class _Fetcher:
     bar: tqdm
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _counted: set[str] = field(default_factory=set)
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def fetch(self, remote: Remote) -> Outcome:
         if _is_done(self.out, remote):
@@ -313,16 +329,19 @@ class _Fetcher:
             if remote.is_archive:
                 raise CxrError(f"--from {self.from_dir}: {remote.name} not found")
             return Outcome(remote.name, "not in DIR", 0, "skipped")
-        check = _verify(source, remote, str(source), None)
+        if source.name == remote.name or remote.is_archive:
+            check = _verify(source, remote, str(source), None)
+        else:  # the plain form of a .gz: the recorded size and checksum do not apply
+            check = NOT_VERIFIED
         nbytes = source.stat().st_size
         self.bar.update(nbytes)
         if remote.is_archive:
             images = _extract(source, self.out / _folder(remote), check)
             return Outcome(remote.name, "from DIR", nbytes, check, images)
-        tmp = self.out / f".{remote.name}.copy"
+        tmp = self.out / f".{source.name}.copy"
         shutil.copyfile(source, tmp)
-        os.replace(tmp, self.out / remote.name)
-        return Outcome(remote.name, "from DIR", nbytes, check)
+        os.replace(tmp, self.out / source.name)
+        return Outcome(source.name, "from DIR", nbytes, check)
 
     def _download(self, url: str, remote: Remote, target: Path) -> tuple[str, int | None]:
         """Download into `target.part`, resuming; return (status, total size the server gave)."""
@@ -342,7 +361,7 @@ class _Fetcher:
                     return status, total
                 log.info("%s: connection closed at %d of %d bytes", url, part.stat().st_size, total)
             status = "resumed"
-            time.sleep(min(2**attempt, 30) * 0.1)
+            time.sleep(RETRY_WAIT_S * 2**attempt)
         raise CxrError(
             f"{url}: download failed after {self.retries + 1} attempts; run again to resume"
         )
@@ -383,6 +402,8 @@ class _Fetcher:
     def _copy(self, response: http.client.HTTPResponse, part: Path, mode: str) -> None:
         with _open_part(part, mode) as f:
             while block := response.read(CHUNK):
+                if self.stop.is_set():
+                    raise _Stopped(part.name)
                 try:
                     f.write(block)
                 except OSError as error:
