@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,9 @@ def test_a_npz_without_an_array_is_one_line_naming_the_file(tmp_path, capsys):
 def test_an_unknown_chestmnist_size_is_refused(tmp_path):
     with pytest.raises(CxrError, match="ChestMNIST sizes are 28, 64, 128, 224"):
         resolve("chestmnist:100")
+
+
+def test_without_medmnist_the_error_names_the_extra_and_the_offline_file(monkeypatch):
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # import fails as if not installed
+    with pytest.raises(CxrError, match=r"cxrfusion\[medmnist\].*path/to/chestmnist_224.npz"):
+        resolve("chestmnist:224")

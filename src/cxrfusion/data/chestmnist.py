@@ -101,11 +101,12 @@ def _download(size: int) -> Path:
     flag = "" if size == 28 else f"_{size}"
     try:  # the smallest split: medmnist loads it after downloading
         dataset = ChestMNIST(split="test", size=size, download=True)
-    except (RuntimeError, OSError) as error:
-        url = INFO["chestmnist"][f"url{flag}"]
+    except (RuntimeError, OSError):
+        info = INFO["chestmnist"]
         raise CxrError(
-            f"--data chestmnist:{size}: download failed ({str(error).strip().splitlines()[0]}); "
-            f"fetch {url} elsewhere and pass --data path/to/chestmnist{flag}.npz"
+            f"--data chestmnist:{size}: medmnist could not download chestmnist{flag}.npz; fetch "
+            f"{info[f'url{flag}']} (MD5 {info[f'MD5{flag}']}) elsewhere and pass "
+            f"--data path/to/chestmnist{flag}.npz"
         ) from None
     return Path(dataset.root) / f"chestmnist{flag}.npz"
 

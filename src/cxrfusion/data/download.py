@@ -182,6 +182,8 @@ def download_nih(
             full disk, a missing file in `from_dir`. What was verified stays; nothing half-done
             looks complete.
     """
+    if from_dir is not None and not Path(from_dir).is_dir():
+        raise CxrError(f"--from {from_dir}: not a folder")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base_url = base_url or os.environ.get(BASE_URL_ENV)
