@@ -184,10 +184,10 @@ def download_nih(
     """
     if from_dir is not None and not Path(from_dir).is_dir():
         raise CxrError(f"--from {from_dir}: not a folder")
+    todo = select(remotes, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base_url = base_url or os.environ.get(BASE_URL_ENV)
-    todo = select(remotes, only)
     bar = tqdm(
         total=sum(r.size or 0 for r in todo),
         unit="B",
