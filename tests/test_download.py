@@ -48,7 +48,7 @@ def _archive(first: int, count: int = 4) -> tuple[bytes, dict[str, bytes]]:
 class _Handler(BaseHTTPRequestHandler):
     """Serves `server.files`; per file, `server.modes` may hold "norange" (ignore Range),
     "drop_once" (send half the body of the first response, then close the connection) and
-    "slow" (trickle the body)."""
+    "slow" (trickle the body) and "busy_once" (answer 503 the first time)."""
 
     def do_GET(self) -> None:
         server = self.server
@@ -62,8 +62,17 @@ class _Handler(BaseHTTPRequestHandler):
         if name not in server.files:
             self.send_error(404)
             return
+        if "busy_once" in modes and name not in server.busy:
+            server.busy.add(name)
+            self.send_error(503)
+            return
         body = server.files[name]
         start = 0
+        if self.headers.get("Range") and int(self.headers["Range"][6:].split("-")[0]) >= len(body):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.end_headers()
+            return
         range_header = self.headers.get("Range")
         if range_header and "norange" not in modes and not drop:
             start = int(range_header.removeprefix("bytes=").split("-")[0])
@@ -94,7 +103,7 @@ def _quick_retries(monkeypatch):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.files, httpd.modes, httpd.requests = {}, {}, []
-    httpd.dropped, httpd.lock = set(), threading.Lock()
+    httpd.dropped, httpd.busy, httpd.lock = set(), set(), threading.Lock()
     httpd.handle_error = lambda request, address: None  # a client that hung up on purpose
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -186,6 +195,23 @@ def test_a_server_without_range_support_restarts_from_zero(served, tmp_path):
     assert len(requests) == 2 and requests[1] is not None  # asked for a range, got it all
     assert (tmp_path / "images_002.tar.gz").read_bytes() == archives[2][0]
     _assert_extracted(tmp_path, 2, archives[2][1])
+
+
+def test_a_server_error_is_retried(served, tmp_path):
+    server, remotes, archives = served
+    server.modes["images_001.tar.gz"] = {"busy_once"}
+    _fetch(tmp_path, server, remotes[1:2])
+    assert [name for name, _ in server.requests] == ["images_001.tar.gz"] * 2
+    _assert_extracted(tmp_path, 1, archives[1][1])
+
+
+def test_a_complete_part_file_is_finished_without_downloading_it_again(served, tmp_path):
+    server, remotes, archives = served
+    (tmp_path / "images_001.tar.gz.part").write_bytes(archives[1][0])  # killed before the rename
+    outcomes = _fetch(tmp_path, server, remotes[1:2])
+    assert server.requests == [("images_001.tar.gz", f"bytes={len(archives[1][0])}-")]  # a 416
+    assert outcomes[0].status == "resumed"
+    _assert_extracted(tmp_path, 1, archives[1][1])
 
 
 def test_a_corrupt_archive_is_an_error_and_nothing_looks_complete(served, tmp_path):

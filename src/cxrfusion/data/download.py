@@ -354,9 +354,11 @@ class _Fetcher:
                 total = self._transfer(url, part, remote)
             except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
                 log.info("%s: attempt %d interrupted (%s)", url, attempt + 1, error)
-            except urllib.error.URLError as error:
-                if isinstance(error, urllib.error.HTTPError):
+            except urllib.error.HTTPError as error:
+                if error.code < 500 and error.code != 429:  # only overload and server errors pass
                     raise CxrError(f"{url}: HTTP {error.code} {error.reason}") from None
+                log.info("%s: attempt %d got HTTP %d", url, attempt + 1, error.code)
+            except urllib.error.URLError as error:
                 log.info("%s: attempt %d failed (%s)", url, attempt + 1, error.reason)
             else:
                 if total is None or part.stat().st_size >= total:
@@ -377,6 +379,8 @@ class _Fetcher:
         except urllib.error.HTTPError as error:
             if error.code != 416 or not have:
                 raise
+            if _content_range_total(error.headers.get("Content-Range")) == have:
+                return have  # interrupted between the last byte and the rename
             part.unlink()  # the part is no prefix of this file: start over
             return self._transfer(url, part, remote)
         with response:
