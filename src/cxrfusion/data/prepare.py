@@ -11,6 +11,7 @@ import pandas as pd
 
 from cxrfusion.atomic import write_atomic
 from cxrfusion.data.cache import build_cache, open_cache
+from cxrfusion.data.chestmnist import is_chestmnist, load_chestmnist
 from cxrfusion.data.figures import findings_text, plot_label_distribution, plot_sample_grid
 from cxrfusion.data.imageio import check_image
 from cxrfusion.data.nih import find_images, find_table, read_official_lists, read_table
@@ -52,7 +53,11 @@ def _refuse(data_dir: Path, problems: pd.DataFrame) -> CxrError:
 
 
 def prepare(data_dir: Path, out: Path, options: PrepareOptions = PrepareOptions()) -> Prepared:
-    """Index, split and cache a dataset in the NIH layout; see `PrepareOptions`."""
+    """Index, split and cache a dataset in the NIH layout (or ChestMNIST); see `PrepareOptions`."""
+    if is_chestmnist(data_dir):
+        split, source = load_chestmnist(data_dir, out, options.size, options.labels_only)
+        excluded = pd.DataFrame(columns=["Image Index", "reason"])
+        return Prepared(out, split, excluded, _write_outputs(out, split, excluded, options, source))
     table = read_table(find_table(data_dir))
     excluded = pd.DataFrame(columns=["Image Index", "reason"])
     if not options.labels_only:
@@ -96,9 +101,14 @@ def _cache_images(
 
 
 def _write_outputs(
-    out: Path, split: pd.DataFrame, excluded: pd.DataFrame, options: PrepareOptions
+    out: Path,
+    split: pd.DataFrame,
+    excluded: pd.DataFrame,
+    options: PrepareOptions,
+    source: dict | None = None,
 ) -> list[Path]:
-    files = [write_split(split, out), *write_summary(summarise(split), out)]
+    summary = summarise(split) | ({"source": source} if source else {})
+    files = [write_split(split, out), *write_summary(summary, out)]
     if len(excluded):
         files.append(write_atomic(out / "excluded.csv", excluded.to_csv(index=False)))
     files.append(plot_label_distribution(split, out / "label_distribution.png"))
