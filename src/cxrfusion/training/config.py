@@ -3,13 +3,103 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from cxrfusion.data.options import Augmentation
+from cxrfusion.checks import (
+    InvalidOption,
+    check_bool,
+    check_choice,
+    check_number,
+    check_text,
+    setting,
+)
+from cxrfusion.data.options import MIN_SIZE, Augmentation
 from cxrfusion.errors import CxrError
+
+LOSSES = ("focal", "bce", "asl")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+DEVICES = re.compile(r"auto|-1|[1-9]\d*|\d+(,\d+)*,?")  # Lightning's: all, a count, indices
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _check_devices(value: object) -> None:
+    if isinstance(value, list) and value and all(type(v) is int and v >= 0 for v in value):
+        return
+    if type(value) is int and (value >= 1 or value == -1):
+        return
+    if isinstance(value, str) and DEVICES.fullmatch(value.strip()):
+        return
+    raise InvalidOption(
+        f"{setting('devices')} must be auto, a count (-1 for all) or device indices such as 0,1, "
+        f"got {value!r}"
+    )
+
+
+def _check_augmentation(value: object) -> None:
+    if not isinstance(value, dict):
+        raise InvalidOption(f"augmentation must be a mapping of its settings, got {value!r}")
+    known = {f.name for f in dataclasses.fields(Augmentation)}
+    unknown = sorted(str(key) for key in set(value) - known)
+    if unknown:
+        raise InvalidOption(
+            f"augmentation: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    Augmentation(**value)
+
+
+# Each setting's own check; ranges that involve two settings are in `TrainConfig.__post_init__`.
+_CHECKS = {
+    "prepared": check_text,
+    "out": check_text,
+    "model": check_text,
+    "weights": check_text,
+    "loss": lambda n, v: check_choice(n, v, LOSSES),
+    "focal_alpha": lambda n, v: check_number(n, v, high=1),  # negative: no weighting
+    "focal_gamma": lambda n, v: check_number(n, v, low=0),
+    "epochs": lambda n, v: check_number(n, v, integer=True, low=1),
+    "phase1_epochs": lambda n, v: check_number(n, v, integer=True, low=0),
+    "lr": lambda n, v: check_number(n, v, above=0),
+    "phase2_lr": lambda n, v: check_number(n, v, above=0),
+    "min_lr": lambda n, v: check_number(n, v, low=0),
+    "plateau_patience": lambda n, v: check_number(n, v, integer=True, low=0),
+    "plateau_factor": lambda n, v: check_number(n, v, above=0, below=1),
+    "early_stop_patience": lambda n, v: check_number(n, v, integer=True, low=0),
+    "batch_size": lambda n, v: check_number(n, v, integer=True, low=1),
+    "cache_size": lambda n, v: check_number(n, v, integer=True, low=MIN_SIZE),
+    "input_size": lambda n, v: check_number(n, v, integer=True, low=MIN_SIZE),
+    "augmentation": lambda n, v: _check_augmentation(v),
+    "workers": lambda n, v: check_number(n, v, integer=True, low=0),
+    "seed": lambda n, v: check_number(n, v, integer=True, low=0, high=2**32 - 1),
+    "accelerator": lambda n, v: check_choice(n, v, ACCELERATORS),
+    "devices": lambda n, v: _check_devices(v),
+    "num_nodes": lambda n, v: check_number(n, v, integer=True, low=1),
+    "strategy": check_text,
+    "precision": lambda n, v: check_choice(n, v, PRECISIONS),
+    "channels_last": check_bool,
+    "limit_train_batches": lambda n, v: check_number(n, v, above=0),
+}
+
+
+def check_model(name: str) -> None:
+    """Refuse a name that is neither registered nor a timm model.
+
+    Not part of `TrainConfig`'s own checks because it imports the models (torch, seconds): the
+    CLI calls it once the cheap checks have passed, and `create_model` refuses the name anyway.
+    """
+    import timm
+
+    from cxrfusion.models import list_models
+
+    if name not in list_models() and not timm.is_model(name):
+        raise InvalidOption(
+            f"{setting('model')} must be one of {', '.join(list_models())} or a timm model name "
+            f"(timm.list_models()), got {name!r}"
+        )
 
 
 @dataclass
@@ -28,6 +118,9 @@ class TrainConfig:
         cache_size / input_size: side of the cached images and of the model input.
         workers: loader processes; precision "auto" picks bf16/fp16 AMP on GPUs, fp32 on CPUs.
         limit_train_batches: fraction (<=1.0) or number of training batches per epoch (quick runs).
+
+    Every setting is checked when set (constructor, YAML, later assignment) and raises
+    `InvalidOption` (a CxrError) naming it; the model name is checked by `check_model`.
     """
 
     prepared: str = "runs/prepared"
@@ -59,16 +152,58 @@ class TrainConfig:
     channels_last: bool = True
     limit_train_batches: float = 1.0
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """Each setting is checked as it is set: in the constructor and on later assignment."""
+        if name in _CHECKS:
+            _CHECKS[name](name, value)
+        super().__setattr__(name, value)
+
+    def __post_init__(self) -> None:
+        if self.input_size > self.cache_size:
+            raise InvalidOption(
+                f"{setting('input_size')} must be <= {setting('cache_size')}: the model input is "
+                f"cut from the cached images, got {self.input_size} > {self.cache_size}"
+            )
+        if self.phase1_epochs > self.epochs:
+            raise InvalidOption(
+                f"{setting('phase1_epochs')} must be <= {setting('epochs')}, "
+                f"got {self.phase1_epochs} > {self.epochs}"
+            )
+        if self.limit_train_batches > 1 and self.limit_train_batches != int(
+            self.limit_train_batches
+        ):
+            raise InvalidOption(
+                f"{setting('limit_train_batches')} must be a fraction in (0, 1] or a whole number "
+                f"of batches, got {self.limit_train_batches}"
+            )
+
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise CxrError(f"{path}: cannot read config ({error})") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CxrError(f"{path}: cannot read config ({first})") from None
+        if not isinstance(values, dict):
+            raise CxrError(f"{path}: expected a mapping of option: value, got {values!r}")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise CxrError(f"{path}: unknown config key(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
+            raise CxrError(f"{path}: unknown config key(s): {', '.join(sorted(map(str, unknown)))}")
+        try:
+            return cls(**_numbers_from_text(values))
+        except CxrError as error:
+            raise InvalidOption(f"{path}: {error}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _numbers_from_text(values: dict) -> dict:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: turn such text into the float it means."""
+    floats = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "float"}
+    return {
+        key: float(value)
+        if key in floats and isinstance(value, str) and NUMBER.fullmatch(value.strip())
+        else value
+        for key, value in values.items()
+    }
