@@ -257,7 +257,7 @@ def train_config(args: argparse.Namespace) -> object:
 
 def _check_train(args: argparse.Namespace) -> None:
     """The config and the folders it names, checked before Lightning loads: mistakes show at once."""
-    from cxrfusion.training.config import check_model
+    from cxrfusion.training.config import check_can_run
 
     config = train_config(args)
     prepared, out = Path(config.prepared), Path(config.out)
@@ -269,7 +269,7 @@ def _check_train(args: argparse.Namespace) -> None:
         raise CxrError(f"{args.data}: no such data folder (--data)")
     if args.resume and not (out / "last.ckpt").is_file():
         raise CxrError(f"{out}: no last.ckpt to resume; train without --resume first")
-    check_model(config.model)
+    check_can_run(config)
 
 
 def _train(args: argparse.Namespace) -> None:

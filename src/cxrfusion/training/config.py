@@ -23,7 +23,8 @@ from cxrfusion.errors import CxrError
 LOSSES = ("focal", "bce", "asl")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
-DEVICES = re.compile(r"auto|-1|[1-9]\d*|\d+(,\d+)*,?")  # Lightning's: all, a count, indices
+# Lightning's forms: auto, -1 (all), a count, or indices ("0,1", or "1," for index 1 alone).
+DEVICES = re.compile(r"auto|-1|[1-9]\d*|\d+(,\d+)+|\d+,")
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -85,20 +86,43 @@ _CHECKS = {
 }
 
 
-def check_model(name: str) -> None:
-    """Refuse a name that is neither registered nor a timm model.
+def check_can_run(config: TrainConfig) -> None:
+    """What `TrainConfig` cannot check alone: the model name, the weights file, the strategy and
+    whether this machine has the accelerator asked for.
 
-    Not part of `TrainConfig`'s own checks because it imports the models (torch, seconds): the
-    CLI calls it once the cheap checks have passed, and `create_model` refuses the name anyway.
+    Not part of the config's own checks because it imports torch, timm and Lightning (seconds) and
+    depends on the machine: the CLI calls it once the cheap checks have passed.
     """
     import timm
+    import torch
+    from lightning.pytorch.strategies import StrategyRegistry
 
     from cxrfusion.models import list_models
 
-    if name not in list_models() and not timm.is_model(name):
+    if config.model not in list_models() and not timm.is_model(config.model):
         raise InvalidOption(
             f"{setting('model')} must be one of {', '.join(list_models())} or a timm model name "
-            f"(timm.list_models()), got {name!r}"
+            f"(timm.list_models()), got {config.model!r}"
+        )
+    if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
+        raise InvalidOption(
+            f"{setting('weights')} must be imagenet, none or a weights file, got {config.weights!r}"
+            " (no such file)"
+        )
+    if config.strategy != "auto" and config.strategy not in StrategyRegistry.available_strategies():
+        raise InvalidOption(
+            f"{setting('strategy')} must be auto or a Lightning strategy such as ddp, ddp_spawn, "
+            f"fsdp (StrategyRegistry.available_strategies()), got {config.strategy!r}"
+        )
+    available = {
+        "gpu": torch.cuda.is_available(),
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(config.accelerator, True):
+        raise InvalidOption(
+            f"{setting('accelerator')} {config.accelerator}: no such device on this machine; "
+            "use auto or cpu"
         )
 
 
@@ -120,7 +144,7 @@ class TrainConfig:
         limit_train_batches: fraction (<=1.0) or number of training batches per epoch (quick runs).
 
     Every setting is checked when set (constructor, YAML, later assignment) and raises
-    `InvalidOption` (a CxrError) naming it; the model name is checked by `check_model`.
+    `InvalidOption` (a CxrError) naming it; `check_can_run` checks the rest.
     """
 
     prepared: str = "runs/prepared"
