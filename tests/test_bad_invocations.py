@@ -192,3 +192,16 @@ def test_a_mistake_exits_2_with_one_line_and_leaves_nothing(outcomes, case, args
     assert result.returncode == 2, lines[0]
     assert result.stdout == ""
     assert unchanged, f"`cxrfusion {' '.join(args)}` changed files in its folder"
+
+
+def test_a_yaml_rate_written_without_a_dot_is_read_as_a_number(tmp_path):
+    # YAML 1.1 reads `1e-3` as text; refusing it would punish the way people write rates.
+    (tmp_path / "config.yaml").write_text("lr: 1e-3\nphase2_lr: 2E-5\n")
+    config = TrainConfig.from_yaml(tmp_path / "config.yaml")
+    assert (config.lr, config.phase2_lr) == (0.001, 2e-5)
+
+
+def test_a_whole_batch_limit_from_the_command_line_becomes_a_count():
+    # argparse gives 5.0 for `--limit-train-batches 5`; Lightning refuses a float above 1.
+    assert TrainConfig(limit_train_batches=5.0).limit_train_batches == 5
+    assert isinstance(TrainConfig(limit_train_batches=5.0).limit_train_batches, int)

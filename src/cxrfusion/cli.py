@@ -444,12 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: a user mistake prints one line and exits 2; bugs keep their traceback."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the command's parser, which names the command and its --help
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    prog = args.parser.prog
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -460,16 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.check(args)
         args.func(args)
     except CxrError as error:
-        log.info("where the error above came from", exc_info=True)
-        print(f"cxrfusion {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        log.info("where it came from (-v):", exc_info=True)
         return 2
     except OSError as error:  # a path the user gave: missing, not writable, a file not a folder
-        log.info("where the error above came from", exc_info=True)
         where = f"{error.filename}: " if error.filename else ""
-        print(f"cxrfusion {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        print(f"{prog}: error: {where}{error.strerror or error}", file=sys.stderr)
+        log.info("where it came from (-v):", exc_info=True)
         return 2
     except KeyboardInterrupt:
-        print("cxrfusion: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -193,13 +193,13 @@ class TrainConfig:
                 f"{setting('phase1_epochs')} must be <= {setting('epochs')}, "
                 f"got {self.phase1_epochs} > {self.epochs}"
             )
-        if self.limit_train_batches > 1 and self.limit_train_batches != int(
-            self.limit_train_batches
-        ):
-            raise InvalidOption(
-                f"{setting('limit_train_batches')} must be a fraction in (0, 1] or a whole number "
-                f"of batches, got {self.limit_train_batches}"
-            )
+        if self.limit_train_batches > 1:  # a count of batches: Lightning refuses it as a float
+            if self.limit_train_batches != int(self.limit_train_batches):
+                raise InvalidOption(
+                    f"{setting('limit_train_batches')} must be a fraction in (0, 1] or a whole "
+                    f"number of batches, got {self.limit_train_batches}"
+                )
+            self.limit_train_batches = int(self.limit_train_batches)
 
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:
