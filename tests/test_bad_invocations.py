@@ -65,7 +65,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-zero-batch", [*TRAIN, "--batch-size", "0"], "--batch-size"),
     ("train-batch-not-a-number", [*TRAIN, "--batch-size", "x"], "invalid int"),
     ("train-zero-epochs", [*TRAIN, "--epochs", "0"], "--epochs"),
-    ("train-phase1-beyond-epochs", [*TRAIN, "--epochs", "5", "--phase1-epochs", "6"], "--phase1"),
+    ("train-negative-phase1-epochs", [*TRAIN, "--phase1-epochs", "-1"], "--phase1-epochs"),
     ("train-input-above-cache", [*TRAIN, "--input-size", "512"], "--cache-size"),
     ("train-zero-lr", [*TRAIN, "--lr", "0"], "--lr"),
     ("train-focal-alpha-above-one", [*TRAIN, "--focal-alpha", "2"], "--focal-alpha"),

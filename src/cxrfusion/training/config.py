@@ -136,7 +136,8 @@ class TrainConfig:
         model: registry name; see `cxrfusion models`.
         weights: "imagenet" (download), "none" (random init) or a local weights file.
         epochs: maximum epochs over both phases.
-        phase1_epochs: epochs with the backbone frozen (ignored by models without one).
+        phase1_epochs: epochs with the backbone frozen (ignored by models without one); at or
+            above `epochs` the backbone is never trained (a linear probe), so it is not an error.
         lr / phase2_lr / min_lr: phase-1 rate, phase-2 rate for all layers, plateau floor.
         early_stop_patience: epochs without a better validation macro AUC before stopping.
         cache_size / input_size: side of the cached images and of the model input.
@@ -187,11 +188,6 @@ class TrainConfig:
             raise InvalidOption(
                 f"{setting('input_size')} must be <= {setting('cache_size')}: the model input is "
                 f"cut from the cached images, got {self.input_size} > {self.cache_size}"
-            )
-        if self.phase1_epochs > self.epochs:
-            raise InvalidOption(
-                f"{setting('phase1_epochs')} must be <= {setting('epochs')}, "
-                f"got {self.phase1_epochs} > {self.epochs}"
             )
         if self.limit_train_batches > 1:  # a count of batches: Lightning refuses it as a float
             if self.limit_train_batches != int(self.limit_train_batches):
