@@ -17,7 +17,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from cxrfusion.data import synthetic
-from cxrfusion.data.synthetic import TABLE_NAME, render_phantom, synthesize
+from cxrfusion.data.phantoms import render_phantom
+from cxrfusion.data.synthetic import TABLE_NAME, synthesize
 from cxrfusion.errors import CxrError
 from cxrfusion.labels import LABELS, NO_FINDING, multi_hot
 

@@ -9,8 +9,11 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from cxrfusion.errors import CxrError
+
+log = logging.getLogger("cxrfusion")
 
 EPILOG = """\
 typical use:
@@ -20,6 +23,17 @@ typical use:
   cxrfusion evaluate --run runs/fusion                      # AUC with CIs, MC dropout, report.html
   cxrfusion compare runs/simple_cnn runs/fusion             # the report's Table 2 + DeLong tests
 Run `cxrfusion COMMAND --help` for the options of each command."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like the library's: `cxrfusion train: error: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).splitlines())
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -101,7 +115,6 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _prepare(args: argparse.Namespace) -> None:
     from cxrfusion.data.options import PrepareOptions
-    from cxrfusion.data.prepare import prepare
 
     options = PrepareOptions(
         split=args.split,
@@ -114,6 +127,10 @@ def _prepare(args: argparse.Namespace) -> None:
         labels_only=args.labels_only,
         skip_missing=args.skip_missing,
     )
+    if not args.data.is_dir():
+        raise CxrError(f"{args.data}: no such data folder (--data)")
+    from cxrfusion.data.prepare import prepare  # after the cheap checks: it loads pandas, torch
+
     result = prepare(args.data, args.out, options)
     counts = result.split["split"].value_counts()
     print(
@@ -219,7 +236,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             f"--{f.name.replace('_', '-')}", type=kind, default=None, help=TRAIN_HELP[f.name]
         )
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, check=_check_train)
 
 
 def train_config(args: argparse.Namespace) -> object:
@@ -240,6 +257,23 @@ def train_config(args: argparse.Namespace) -> object:
     if args.out is None and not args.config:
         config.out = f"runs/{config.model}"
     return config
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    """The config and the folders it names, checked before Lightning loads: mistakes show at once."""
+    from cxrfusion.training.config import check_can_run
+
+    config = train_config(args)
+    prepared, out = Path(config.prepared), Path(config.out)
+    if not args.data and not (prepared / "split.csv").is_file():
+        raise CxrError(
+            f"{prepared}: no split.csv; run `cxrfusion prepare --out {prepared}` or pass --data"
+        )
+    if args.data and not Path(args.data).is_dir():
+        raise CxrError(f"{args.data}: no such data folder (--data)")
+    if args.resume and not (out / "last.ckpt").is_file():
+        raise CxrError(f"{out}: no last.ckpt to resume; train without --resume first")
+    check_can_run(config)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -317,6 +351,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    run = args.run or args.checkpoint
+    if not run.exists():
+        raise CxrError(f"{run}: no such {'run directory' if args.run else 'checkpoint'}")
     from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
 
     options = EvaluateOptions(
@@ -330,7 +367,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         examples=args.examples,
     )
-    out = evaluate(args.run or args.checkpoint, args.out, options)
+    out = evaluate(run, args.out, options)
     metrics = json.loads((out / "metrics.json").read_text())
     macro = metrics["auc"]["macro"]
     ci = "n/a" if macro["ci_low"] is None else f"{macro['ci_low']:.3f} - {macro['ci_high']:.3f}"
@@ -356,7 +393,12 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="run directories (their eval_<split> folder) or evaluation folders",
     )
-    p.add_argument("--split", default="test", help="which eval_<split> folder to read")
+    p.add_argument(
+        "--split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="which eval_<split> folder to read (default test)",
+    )
     p.add_argument("--reference", help="model name to test against (default: best macro AUC)")
     p.add_argument(
         "--out",
@@ -368,6 +410,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    if len(args.runs) < 2:
+        raise CxrError(f"compare needs two or more runs, got {len(args.runs)}: {args.runs[0]}")
+    for run in args.runs:
+        if not run.is_dir():
+            raise CxrError(f"{run}: no such run or evaluation folder")
     from cxrfusion.evaluation.compare import compare_runs, write_comparison
 
     folders = [
@@ -439,7 +486,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cxrfusion",
         description="Train, evaluate and explain multi-label chest X-ray classifiers (NIH "
         "ChestX-ray14, 14 pathologies) with calibrated uncertainty.",
@@ -450,24 +497,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: a user mistake prints one line and exits 2; bugs keep their traceback."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the command's parser, which names the command and its --help
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    prog = args.parser.prog
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("lightning.pytorch").propagate = False  # it has its own handler
     try:
+        if hasattr(args, "check"):
+            args.check(args)
         args.func(args)
     except CxrError as error:
-        print(f"cxrfusion: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        log.info("where it came from (-v):", exc_info=True)
+        return 2
+    except OSError as error:  # a path the user gave: missing, not writable, a file not a folder
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{prog}: error: {where}{error.strerror or error}", file=sys.stderr)
+        log.info("where it came from (-v):", exc_info=True)
         return 2
     except KeyboardInterrupt:
-        print("cxrfusion: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
 

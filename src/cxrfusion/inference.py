@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -35,10 +37,33 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> tuple[CxrClassif
     if not config_file.exists():
         raise CxrError(f"{config_file}: missing; a checkpoint must sit in its run directory")
     config = TrainConfig.from_yaml(config_file)
+    _check_checkpoint(checkpoint)
     try:
         # The checkpoint holds every weight: never download pretrained ones again.
         model = CxrClassifier.load_from_checkpoint(checkpoint, map_location=device, weights="none")
-    except (RuntimeError, EOFError, KeyError, OSError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CxrError(f"{checkpoint}: not a loadable checkpoint ({first})") from None
+    except (RuntimeError, KeyError) as error:  # e.g. weights that do not fit the model
+        raise CxrError(f"{checkpoint}: cannot be loaded ({_first_line(error)})") from None
     return model.eval(), config
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: first sentence` of an exception, short enough for a one-line message."""
+    text = str(error).strip().splitlines()[0].split(". ")[0][:120] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_checkpoint(checkpoint: Path) -> None:
+    """Refuse a file that is not a Lightning checkpoint: text, truncated, corrupt or foreign."""
+    if not zipfile.is_zipfile(checkpoint):
+        raise CxrError(
+            f"{checkpoint}: not a checkpoint (text, truncated or corrupt; torch.save writes a zip)"
+        )
+    try:
+        # mmap: only the structure is read here, the tensors stay on disk.
+        content = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError, OSError) as error:
+        raise CxrError(f"{checkpoint}: not a readable checkpoint ({_first_line(error)})") from None
+    keys = ("state_dict", "hyper_parameters", "pytorch-lightning_version")
+    missing = [k for k in keys if k not in content] if isinstance(content, dict) else list(keys)
+    if missing:
+        raise CxrError(f"{checkpoint}: not a checkpoint of `cxrfusion train` (no {missing[0]})")

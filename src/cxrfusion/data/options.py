@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cxrfusion.checks import InvalidOption, check_bool, check_choice, check_number
+
+SPLIT_METHODS = ("iterative", "official")
+MIN_SIZE = 32  # smallest image side, in pixels, that the models' downsampling leaves room for
+
 
 @dataclass(frozen=True)
 class PrepareOptions:
@@ -35,6 +40,22 @@ class PrepareOptions:
     labels_only: bool = False
     skip_missing: bool = False
 
+    def __post_init__(self) -> None:
+        check_choice("split", self.split, SPLIT_METHODS)
+        check_number("patient_fraction", self.patient_fraction, above=0, high=1)
+        check_number("val", self.val, above=0, below=1)
+        check_number("test", self.test, above=0, below=1)
+        if self.val + self.test >= 1:
+            raise InvalidOption(
+                f"val + test (--val, --test) must be below 1 to leave training images, "
+                f"got {self.val} + {self.test}"
+            )
+        check_number("seed", self.seed, integer=True, low=0, high=2**32 - 1)
+        check_number("size", self.size, integer=True, low=MIN_SIZE)
+        check_number("workers", self.workers, integer=True, low=1)
+        check_bool("labels_only", self.labels_only)
+        check_bool("skip_missing", self.skip_missing)
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -53,10 +74,8 @@ class Augmentation:
     brightness: float = 0.1
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.flip <= 1.0:
-            raise ValueError(f"flip must be a probability in [0, 1], got {self.flip}")
-        for name in ("rotate_deg", "zoom", "brightness"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.zoom >= 1 or self.brightness >= 1:
-            raise ValueError("zoom and brightness must be below 1 (they are relative changes)")
+        check_number("flip", self.flip, low=0, high=1)
+        check_number("rotate_deg", self.rotate_deg, low=0, high=180)
+        # Relative changes: at 1 an image could shrink or darken to nothing.
+        check_number("zoom", self.zoom, low=0, below=1)
+        check_number("brightness", self.brightness, low=0, below=1)

@@ -13,6 +13,7 @@ import torch
 from scipy.special import expit, logit
 
 from cxrfusion.atomic import write_atomic
+from cxrfusion.checks import check_bool, check_choice, check_number
 from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.split import read_split
 from cxrfusion.errors import CxrError
@@ -67,6 +68,17 @@ class EvaluateOptions:
     seed: int = 0
     batch_size: int = 64
     examples: int = 4
+
+    def __post_init__(self) -> None:
+        check_choice("split", self.split, ("test", "val", "train"))
+        check_number("mc_samples", self.mc_samples, integer=True, low=1)
+        check_choice("mc_mode", self.mc_mode, ("head", "full"))
+        check_number("threshold", self.threshold, low=0)
+        check_bool("temperature_scale", self.temperature_scale)
+        check_number("bootstrap", self.bootstrap, integer=True, low=1)
+        check_number("seed", self.seed, integer=True, low=0, high=2**32 - 1)
+        check_number("batch_size", self.batch_size, integer=True, low=1)
+        check_number("examples", self.examples, integer=True, low=1)
 
 
 def _calibration(y: np.ndarray, p: np.ndarray) -> dict[str, float]:

@@ -3,13 +3,127 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from cxrfusion.data.options import Augmentation
+from cxrfusion.checks import (
+    InvalidOption,
+    check_bool,
+    check_choice,
+    check_number,
+    check_text,
+    setting,
+)
+from cxrfusion.data.options import MIN_SIZE, Augmentation
 from cxrfusion.errors import CxrError
+
+LOSSES = ("focal", "bce", "asl")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+# Lightning's forms: auto, -1 (all), a count, or indices ("0,1", or "1," for index 1 alone).
+DEVICES = re.compile(r"auto|-1|[1-9]\d*|\d+(,\d+)+|\d+,")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _check_devices(value: object) -> None:
+    if isinstance(value, list) and value and all(type(v) is int and v >= 0 for v in value):
+        return
+    if type(value) is int and (value >= 1 or value == -1):
+        return
+    if isinstance(value, str) and DEVICES.fullmatch(value.strip()):
+        return
+    raise InvalidOption(
+        f"{setting('devices')} must be auto, a count (-1 for all) or device indices such as 0,1, "
+        f"got {value!r}"
+    )
+
+
+def _check_augmentation(value: object) -> None:
+    if not isinstance(value, dict):
+        raise InvalidOption(f"augmentation must be a mapping of its settings, got {value!r}")
+    known = {f.name for f in dataclasses.fields(Augmentation)}
+    unknown = sorted(str(key) for key in set(value) - known)
+    if unknown:
+        raise InvalidOption(
+            f"augmentation: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    Augmentation(**value)
+
+
+# Each setting's own check; ranges that involve two settings are in `TrainConfig.__post_init__`.
+_CHECKS = {
+    "prepared": check_text,
+    "out": check_text,
+    "model": check_text,
+    "weights": check_text,
+    "loss": lambda n, v: check_choice(n, v, LOSSES),
+    "focal_alpha": lambda n, v: check_number(n, v, high=1),  # negative: no weighting
+    "focal_gamma": lambda n, v: check_number(n, v, low=0),
+    "epochs": lambda n, v: check_number(n, v, integer=True, low=1),
+    "phase1_epochs": lambda n, v: check_number(n, v, integer=True, low=0),
+    "lr": lambda n, v: check_number(n, v, above=0),
+    "phase2_lr": lambda n, v: check_number(n, v, above=0),
+    "min_lr": lambda n, v: check_number(n, v, low=0),
+    "plateau_patience": lambda n, v: check_number(n, v, integer=True, low=0),
+    "plateau_factor": lambda n, v: check_number(n, v, above=0, below=1),
+    "early_stop_patience": lambda n, v: check_number(n, v, integer=True, low=0),
+    "batch_size": lambda n, v: check_number(n, v, integer=True, low=1),
+    "cache_size": lambda n, v: check_number(n, v, integer=True, low=MIN_SIZE),
+    "input_size": lambda n, v: check_number(n, v, integer=True, low=MIN_SIZE),
+    "augmentation": lambda n, v: _check_augmentation(v),
+    "workers": lambda n, v: check_number(n, v, integer=True, low=0),
+    "seed": lambda n, v: check_number(n, v, integer=True, low=0, high=2**32 - 1),
+    "accelerator": lambda n, v: check_choice(n, v, ACCELERATORS),
+    "devices": lambda n, v: _check_devices(v),
+    "num_nodes": lambda n, v: check_number(n, v, integer=True, low=1),
+    "strategy": check_text,
+    "precision": lambda n, v: check_choice(n, v, PRECISIONS),
+    "channels_last": check_bool,
+    "limit_train_batches": lambda n, v: check_number(n, v, above=0),
+}
+
+
+def check_can_run(config: TrainConfig) -> None:
+    """What `TrainConfig` cannot check alone: the model name, the weights file, the strategy and
+    whether this machine has the accelerator asked for.
+
+    Not part of the config's own checks because it imports torch, timm and Lightning (seconds) and
+    depends on the machine: the CLI calls it once the cheap checks have passed.
+    """
+    import timm
+    import torch
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from cxrfusion.models import list_models
+
+    if config.model not in list_models() and not timm.is_model(config.model):
+        raise InvalidOption(
+            f"{setting('model')} must be one of {', '.join(list_models())} or a timm model name "
+            f"(timm.list_models()), got {config.model!r}"
+        )
+    if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
+        raise InvalidOption(
+            f"{setting('weights')} must be imagenet, none or a weights file, got {config.weights!r}"
+            " (no such file)"
+        )
+    if config.strategy != "auto" and config.strategy not in StrategyRegistry.available_strategies():
+        raise InvalidOption(
+            f"{setting('strategy')} must be auto or a Lightning strategy such as ddp, ddp_spawn, "
+            f"fsdp (StrategyRegistry.available_strategies()), got {config.strategy!r}"
+        )
+    available = {
+        "gpu": torch.cuda.is_available(),
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(config.accelerator, True):
+        raise InvalidOption(
+            f"{setting('accelerator')} {config.accelerator}: no such device on this machine; "
+            "use auto or cpu"
+        )
 
 
 @dataclass
@@ -22,12 +136,16 @@ class TrainConfig:
         model: registry name; see `cxrfusion models`.
         weights: "imagenet" (download), "none" (random init) or a local weights file.
         epochs: maximum epochs over both phases.
-        phase1_epochs: epochs with the backbone frozen (ignored by models without one).
+        phase1_epochs: epochs with the backbone frozen (ignored by models without one); at or
+            above `epochs` the backbone is never trained (a linear probe), so it is not an error.
         lr / phase2_lr / min_lr: phase-1 rate, phase-2 rate for all layers, plateau floor.
         early_stop_patience: epochs without a better validation macro AUC before stopping.
         cache_size / input_size: side of the cached images and of the model input.
         workers: loader processes; precision "auto" picks bf16/fp16 AMP on GPUs, fp32 on CPUs.
         limit_train_batches: fraction (<=1.0) or number of training batches per epoch (quick runs).
+
+    Every setting is checked when set (constructor, YAML, later assignment) and raises
+    `InvalidOption` (a CxrError) naming it; `check_can_run` checks the rest.
     """
 
     prepared: str = "runs/prepared"
@@ -59,16 +177,53 @@ class TrainConfig:
     channels_last: bool = True
     limit_train_batches: float = 1.0
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """Each setting is checked as it is set: in the constructor and on later assignment."""
+        if name in _CHECKS:
+            _CHECKS[name](name, value)
+        super().__setattr__(name, value)
+
+    def __post_init__(self) -> None:
+        if self.input_size > self.cache_size:
+            raise InvalidOption(
+                f"{setting('input_size')} must be <= {setting('cache_size')}: the model input is "
+                f"cut from the cached images, got {self.input_size} > {self.cache_size}"
+            )
+        if self.limit_train_batches > 1:  # a count of batches: Lightning refuses it as a float
+            if self.limit_train_batches != int(self.limit_train_batches):
+                raise InvalidOption(
+                    f"{setting('limit_train_batches')} must be a fraction in (0, 1] or a whole "
+                    f"number of batches, got {self.limit_train_batches}"
+                )
+            self.limit_train_batches = int(self.limit_train_batches)
+
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise CxrError(f"{path}: cannot read config ({error})") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CxrError(f"{path}: cannot read config ({first})") from None
+        if not isinstance(values, dict):
+            raise CxrError(f"{path}: expected a mapping of option: value, got {values!r}")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise CxrError(f"{path}: unknown config key(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
+            raise CxrError(f"{path}: unknown config key(s): {', '.join(sorted(map(str, unknown)))}")
+        try:
+            return cls(**_numbers_from_text(values))
+        except CxrError as error:
+            raise InvalidOption(f"{path}: {error}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _numbers_from_text(values: dict) -> dict:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: turn such text into the float it means."""
+    floats = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "float"}
+    return {
+        key: float(value)
+        if key in floats and isinstance(value, str) and NUMBER.fullmatch(value.strip())
+        else value
+        for key, value in values.items()
+    }
