@@ -148,7 +148,10 @@ TRAIN_HELP = {
     "prepared": "folder written by `cxrfusion prepare` (default runs/prepared)",
     "out": "run directory (default runs/<model>)",
     "model": "simple_cnn, densenet121, efficientnet_b0, fusion or any timm name (see `models`)",
-    "weights": "imagenet (download; default), none, or a local file for air-gapped sites",
+    "weights": "imagenet (download; default), none, a local file for air-gapped sites, or "
+    "torchxrayvision:densenet121-res224-all (-nih, -pc, -chex, -rsna, -mimic_nb, -mimic_ch): "
+    "chest-X-ray weights for densenet121 (fusion's DenseNet; needs the [txrv] extra), "
+    "torchxrayvision:FILE for a local state dict of theirs",
     "loss": "focal (default), bce or asl",
     "focal_alpha": "focal weight of positives: 0.25 weights positives at 0.25, negatives at 0.75",
     "focal_gamma": "focal exponent (default 2)",
