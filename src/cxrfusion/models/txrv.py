@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -106,17 +108,26 @@ def _published(name: str) -> str:
     return f"TorchXRayVision {name} ({_url(name)})"
 
 
-def _url(name: str) -> str:
-    from torchxrayvision.models import model_urls
+def _xrv(name: str) -> ModuleType:
+    """torchxrayvision, imported so that its `warnings.filterwarnings("ignore")` does not stay."""
+    try:
+        with warnings.catch_warnings():
+            import torchxrayvision
+    except ImportError:
+        raise CxrError(
+            f"--weights {PREFIX}{name}: needs the optional package torchxrayvision "
+            "(pip install 'cxrfusion[txrv]')"
+        ) from None
+    return torchxrayvision
 
-    return model_urls[name]["weights_url"]
+
+def _url(name: str) -> str:
+    return _xrv(name).models.model_urls[name]["weights_url"]
 
 
 def _cache_file(name: str) -> str:
     """Where torchxrayvision looks for (and downloads) the published file of a weight set."""
-    from torchxrayvision import utils
-
-    return os.path.join(utils.get_cache_dir(), os.path.basename(_url(name)))
+    return os.path.join(_xrv(name).utils.get_cache_dir(), os.path.basename(_url(name)))
 
 
 def _offline_help(name: str) -> str:
@@ -130,13 +141,7 @@ def _offline_help(name: str) -> str:
 
 def _download(name: str) -> dict[str, torch.Tensor]:
     """TXRV's own loader: it downloads into its cache once and unpickles its published model."""
-    try:
-        import torchxrayvision as xrv
-    except ImportError:
-        raise CxrError(
-            f"--weights {PREFIX}{name}: needs the optional package torchxrayvision "
-            "(pip install 'cxrfusion[txrv]')"
-        ) from None
+    xrv = _xrv(name)
     try:
         return xrv.models.DenseNet(weights=name).state_dict()
     except OSError as exc:  # requests' errors are OSErrors: no network, DNS, HTTP status
