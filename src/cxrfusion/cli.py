@@ -391,7 +391,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "and fusion with Table 1 (ImageNet weights, 224 px), evaluate each on the test split "
         "(MC dropout T=25, patient-bootstrap CIs), compare (Table 2, DeLong) and write "
         "summary.md. Resumable: finished steps are skipped, an interrupted training resumes "
-        "from its last.ckpt. The options below shrink the run for a quick check.",
+        "from its last.ckpt. Trains on one GPU; for several, run the printed train commands "
+        "under torchrun and rerun reproduce, which skips them. The options below shrink the run "
+        "for a quick check.",
         epilog="example: cxrfusion reproduce --data NIH_DIR --out runs/reproduce --dry-run",
     )
     p.add_argument("--data", type=Path, required=True, help="NIH folder (see `prepare`)")

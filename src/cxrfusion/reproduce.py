@@ -371,13 +371,19 @@ def write_summary(models: Sequence[str], out: Path) -> Path:
         macro = metrics["auc"]["macro"]
         ci = "" if macro["ci_low"] is None else f" ({macro['ci_low']:.4f} - {macro['ci_high']:.4f})"
         report = REPORT_MACRO_AUC.get(model)
+        chexnet = CHEXNET_MACRO_AUC if model == "densenet121" else None
         rows.append(
-            f"| {model} | {'' if report is None else f'{report:.4f}'} | {CHEXNET_MACRO_AUC:.3f} | "
-            f"{macro['auc']:.4f}{ci} | {metrics['counts']['images']:,} |"
+            f"| {model} | {_figure(report)} | {_figure(chexnet)} | {macro['auc']:.4f}{ci} | "
+            f"{metrics['counts']['images']:,} |"
         )
     text = (
-        "# Reproducing the report\n\nTest macro ROC-AUC; CheXNet (Rajpurkar et al. 2017) is a "
-        "DenseNet121 on NIH's official split. Per-class AUCs and DeLong p-values: "
-        "comparison/comparison.md.\n\n" + "\n".join(rows) + "\n"
+        "# Reproducing the report\n\nTest macro ROC-AUC. CheXNet (Rajpurkar et al. 2017) is a "
+        "DenseNet121 on NIH's official split: a reference point, not a like-for-like figure. "
+        "Per-class AUCs and DeLong p-values: comparison/comparison.md; per-model reports: "
+        "<model>/eval_test/report.html.\n\n" + "\n".join(rows) + "\n"
     )
     return write_atomic(summary_path(out), text)
+
+
+def _figure(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
