@@ -456,11 +456,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     for line in reproduce.wall_time_lines(args.data, steps, reproduce.gpu_name()):
         print(f"# {line}")
     if args.dry_run:
-        for step in steps:
-            state = step.state()
-            done = "# done: " if state == reproduce.FINISHED else ""
-            print(f"{done}{step.command(state)}")
-        print(f"# then: {reproduce.summary_path(args.out)} (macro AUC with CI per model)")
+        print("\n".join(reproduce.plan_lines(steps, args.out)))
         return
     files = reproduce.run(args.data, args.out, options, echo=lambda line: print(line, flush=True))
     print("results: " + ", ".join(str(f) for f in files))

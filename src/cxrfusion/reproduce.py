@@ -124,6 +124,16 @@ def plan(data: Path, out: Path, options: ReproduceOptions = ReproduceOptions()) 
     return steps
 
 
+def plan_lines(steps: Sequence[Step], out: Path) -> list[str]:
+    """The plan as a shell script: one command per step to run (with `--resume` where a training
+    resumes), finished steps commented out as `# done: ...`."""
+    lines = []
+    for step in steps:
+        state = step.state()
+        lines.append(("# done: " if state == FINISHED else "") + step.command(state))
+    return [*lines, f"# then: {summary_path(out)} (macro AUC with its 95 % CI per model)"]
+
+
 def summary_path(out: Path) -> Path:
     return out / "summary.md"
 
