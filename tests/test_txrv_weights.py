@@ -53,7 +53,7 @@ def txrv_net(xrv: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return net, path
 
 
-def _images(size: int, count: int = 2) -> np.ndarray:
+def _images(size: int, count: int = 1) -> np.ndarray:
     """uint8 radiograph stand-ins using the whole 0..255 range, dark borders included."""
     return np.random.default_rng(0).integers(0, 256, (count, size, size), dtype=np.uint8)
 
@@ -88,7 +88,7 @@ def test_fusions_densenet_branch_gets_the_txrv_weights(xrv, txrv_net, monkeypatc
     monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda *a, **k: None)
     net, path = txrv_net
     model = create_model("fusion", weights=f"torchxrayvision:{path}").eval()
-    images = _images(224, count=1)
+    images = _images(224)
     with torch.no_grad():
         branch = model.backbones()["densenet121"]
         maps = branch.forward_intermediates(_ours(images), indices=[4], intermediates_only=True)
@@ -131,7 +131,7 @@ def test_trained_run_records_the_mapping_and_reloads_txrvs_features(
     assert f"TorchXRayVision state dict {path}" in text and "input mapping" in text
     assert yaml.safe_load(text)["weights"] == f"torchxrayvision:{path}"
     module, _ = load_run(run)
-    images = _images(64)
+    images = _images(64, count=4)
     with torch.no_grad():
         ours = module.model.features(_ours(images))
     _assert_same(ours, _theirs(xrv, net, images))
