@@ -22,6 +22,7 @@ typical use:
   cxrfusion train --prepared runs/prepared --model fusion --out runs/fusion
   cxrfusion evaluate --run runs/fusion                      # AUC with CIs, MC dropout, report.html
   cxrfusion compare runs/simple_cnn runs/fusion             # the report's Table 2 + DeLong tests
+  cxrfusion reproduce --data NIH_DIR --dry-run              # the report's whole protocol (GPU)
 Run `cxrfusion COMMAND --help` for the options of each command."""
 
 
@@ -169,7 +170,10 @@ TRAIN_HELP = {
     "prepared": "folder written by `cxrfusion prepare` (default runs/prepared)",
     "out": "run directory (default runs/<model>)",
     "model": "simple_cnn, densenet121, efficientnet_b0, fusion or any timm name (see `models`)",
-    "weights": "imagenet (download; default), none, or a local file for air-gapped sites",
+    "weights": "imagenet (download; default), none, a local file for air-gapped sites, or "
+    "torchxrayvision:densenet121-res224-all (-nih, -pc, -chex, -rsna, -mimic_nb, -mimic_ch): "
+    "chest-X-ray weights for densenet121 (fusion's DenseNet; needs the [txrv] extra), "
+    "torchxrayvision:FILE for a local state dict of theirs",
     "loss": "focal (default), bce or asl",
     "focal_alpha": "focal weight of positives: 0.25 weights positives at 0.25, negatives at 0.75",
     "focal_gamma": "focal exponent (default 2)",
@@ -474,6 +478,89 @@ def _download(args: argparse.Namespace) -> None:
     print(summary(outcomes, args.out))
 
 
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from cxrfusion.reproduce import REPORT_MODELS, ReproduceOptions
+
+    d = ReproduceOptions()
+    p = sub.add_parser(
+        "reproduce",
+        help="the report's whole protocol on a GPU machine: prepare, train 4, evaluate, compare",
+        description="Run the report's protocol end to end: prepare (half the patients, iterative "
+        "70/10/20 split by patient, cache 256), train simple_cnn, densenet121, efficientnet_b0 "
+        "and fusion with Table 1 (ImageNet weights, 224 px), evaluate each on the test split "
+        "(MC dropout T=25, patient-bootstrap CIs), compare (Table 2, DeLong) and write "
+        "summary.md. Resumable: finished steps are skipped, an interrupted training resumes "
+        "from its last.ckpt. Trains on one GPU; for several, run the printed train commands "
+        "under torchrun and rerun reproduce, which skips them. The options below shrink the run "
+        "for a quick check.",
+        epilog="example: cxrfusion reproduce --data NIH_DIR --out runs/reproduce --dry-run",
+    )
+    p.add_argument("--data", type=Path, required=True, help="NIH folder (see `prepare`)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/reproduce"), help="output folder (runs/reproduce)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan of commands; run nothing")
+    p.add_argument(
+        "--allow-cpu", action="store_true", help="run without a CUDA GPU (small settings only)"
+    )
+    p.add_argument(
+        "--split", choices=("iterative", "official"), default=d.split, help="see `prepare`"
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(d.models),
+        help=f"models to train and compare (default: {' '.join(REPORT_MODELS)})",
+    )
+    for name, kind, text in (
+        ("patient_fraction", float, "share of patients kept"),
+        ("cache_size", int, "side of the cached images"),
+        ("input_size", int, "side of the model input"),
+        ("epochs", int, "maximum training epochs"),
+        ("batch_size", int, "training batch size"),
+        ("weights", str, "backbone weights (see `train --help`)"),
+        ("mc_samples", int, "MC-dropout passes T"),
+        ("bootstrap", int, "patient-bootstrap resamples for the CIs"),
+        ("workers", int, "decoding and loader processes"),
+        ("seed", int, "seed of split, training and evaluation"),
+    ):
+        default = getattr(d, name)
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, default=default, help=f"{text} ({default})"
+        )
+    p.set_defaults(func=_reproduce)
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from cxrfusion import reproduce
+
+    options = reproduce.ReproduceOptions(
+        split=args.split,
+        models=tuple(args.models),
+        patient_fraction=args.patient_fraction,
+        cache_size=args.cache_size,
+        input_size=args.input_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        weights=args.weights,
+        mc_samples=args.mc_samples,
+        bootstrap=args.bootstrap,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    if not args.dry_run:
+        reproduce.require_gpu(args.allow_cpu)
+    reproduce.check_settings(args.data, args.out, options, write=False)
+    steps = reproduce.plan(args.data, args.out, options)
+    for line in reproduce.wall_time_lines(args.data, steps, reproduce.gpu_name()):
+        print(f"# {line}")
+    if args.dry_run:
+        print("\n".join(reproduce.plan_lines(steps, args.out)))
+        return
+    files = reproduce.run(args.data, args.out, options, echo=lambda line: print(line, flush=True))
+    print("results: " + ", ".join(str(f) for f in files))
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_synth,
     _add_download,
@@ -482,6 +569,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_train,
     _add_evaluate,
     _add_compare,
+    _add_reproduce,
 )
 
 

@@ -8,6 +8,10 @@ A weights file is, in order of preference:
 - a training checkpoint holding such a state dict under `state_dict` or `model` (`module.` and
   `_orig_mod.` prefixes from DDP / torch.compile are stripped).
 Files are read with `torch.load(weights_only=True)` (or safetensors): no code runs from them.
+
+`torchxrayvision:NAME` (or `torchxrayvision:FILE`) fills a densenet121 backbone with
+TorchXRayVision's chest-X-ray weights, their 1-channel input folded into conv0 (`models.txrv`);
+the other backbones of a model (fusion's EfficientNet) get ImageNet weights.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 
 from cxrfusion.atomic import atomic_path
 from cxrfusion.errors import CxrError
+from cxrfusion.models import txrv
 from cxrfusion.models.base import CxrModel
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,8 @@ def load_weights(model: CxrModel, weights: str | Path) -> None:
     Args:
         model: the model to fill, e.g. fresh from `create_model`.
         weights: "none" (keep the random init), "imagenet" (timm's pretrained weights, downloaded;
-            a CxrError without internet) or the path of a weights file (module docstring).
+            a CxrError without internet), "torchxrayvision:NAME|FILE" (chest-X-ray weights for
+            a densenet121 backbone, `models.txrv`) or the path of a weights file (module docstring).
             "imagenet" is ignored, with a log line, by models without a backbone (simple_cnn);
             a file is an error for them.
     """
@@ -58,9 +64,34 @@ def load_weights(model: CxrModel, weights: str | Path) -> None:
                 backbone, _download_imagenet(name, list(backbones)), name, f"ImageNet {name}"
             )
         return
+    if txrv.is_txrv(weights):
+        _load_txrv(backbones, str(weights), kind)
+        return
     path = Path(weights)
     for name, state_dict in _read_weights_file(path, list(backbones)).items():
         _load_into(backbones[name], state_dict, name, str(path))
+
+
+def describe_weights(weights: str | Path) -> str:
+    """YAML comment lines for a run's config.yaml saying where CXR weights come from and how the
+    input is mapped to them; empty for the other kinds, which the `weights` value says enough."""
+    return txrv.describe(str(weights)) if txrv.is_txrv(weights) else ""
+
+
+def _load_txrv(backbones: dict[str, nn.Module], weights: str, kind: str) -> None:
+    if txrv.BACKBONE not in backbones:
+        raise CxrError(
+            f"--weights {weights}: TorchXRayVision weights fit a {txrv.BACKBONE} backbone; "
+            f"{kind} has {', '.join(backbones)}"
+        )
+    state_dict, source = txrv.load_txrv(weights)
+    for name, backbone in backbones.items():
+        if name == txrv.BACKBONE:
+            _load_into(backbone, state_dict, name, source)
+        else:
+            _load_into(
+                backbone, _download_imagenet(name, list(backbones)), name, f"ImageNet {name}"
+            )
 
 
 def save_backbone_weights(model: CxrModel, path: Path) -> Path:

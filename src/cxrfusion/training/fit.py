@@ -21,6 +21,7 @@ from cxrfusion.atomic import write_atomic
 from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.options import Augmentation
 from cxrfusion.errors import CxrError
+from cxrfusion.models.weights import describe_weights
 from cxrfusion.training.callbacks import AtomicCheckpointIO, EpochMetrics, TwoPhaseTraining
 from cxrfusion.training.config import TrainConfig
 from cxrfusion.training.module import MONITOR, CxrClassifier
@@ -64,7 +65,7 @@ def _loaders(config: TrainConfig) -> dict[str, DataLoader]:
 
 def _write_run_files(config: TrainConfig, run_dir: Path) -> None:
     """What reproduces the run from its directory: config, split and software versions."""
-    write_atomic(run_dir / "config.yaml", config.to_yaml())
+    write_atomic(run_dir / "config.yaml", config.to_yaml() + describe_weights(config.weights))
     shutil.copyfile(Path(config.prepared) / "split.csv", run_dir / "split.csv")
     environment = {
         "cxrfusion": cxrfusion.__version__,
