@@ -92,8 +92,8 @@ def test_dry_run_estimates_wall_time_from_measured_throughput(
     assert main(["reproduce", "--dry-run", "--data", str(nih_meta), "--out", str(tmp_path)]) == 0
     stdout = capsys.readouterr().out
     train_images = round(112_120 * 0.5 * 0.7)  # before prepare: estimated from the table
-    hours = 25 * train_images / 100.0 / 3600
-    assert f"fusion: up to {hours:.1f} h on Test GPU (25 epochs x {train_images:,}" in stdout
+    minutes = 25 * train_images / 100.0 / 60
+    assert f"fusion: up to {minutes:,.0f} min on Test GPU (25 epochs x {train_images:,}" in stdout
     assert "densenet121: no GPU throughput measured yet on Test GPU" in stdout
 
 

@@ -304,9 +304,9 @@ def wall_time_lines(data: Path, steps: Sequence[Step], card: str | None) -> list
             if rate is None:
                 lines.append(f"{config.model}: no GPU throughput measured yet on {name}")
                 continue
-            hours = config.epochs * images / rate / 3600
+            minutes = config.epochs * images / rate / 60
             lines.append(
-                f"{config.model}: up to {hours:.1f} h on {name} ({config.epochs} epochs x "
+                f"{config.model}: up to {minutes:,.0f} min on {name} ({config.epochs} epochs x "
                 f"{images:,} training images at {rate:,.0f} img/s, bench/train_step.py)"
             )
     return lines
