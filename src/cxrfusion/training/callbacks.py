@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,7 +22,18 @@ from cxrfusion.data.figures import save_figure  # noqa: E402
 class TwoPhaseTraining(L.Callback):
     """Phase 1 trains the head on a frozen backbone; phase 2 fine-tunes all layers at a low rate.
 
-    The phase is a function of the epoch alone, so a resumed run lands in the right one.
+    The phase is a function of the epoch alone, so a resumed run lands in the right one. The
+    frozen backbone keeps its BatchNorm in eval mode (`CxrModel.freeze_backbone`); at the switch
+    every parameter group moves to `phase2_lr` and the plateau and early-stopping counters start
+    afresh.
+
+    Why not Lightning's `BaseFinetuning`: it freezes in its `setup` hook, before the strategy wraps
+    the model in DDP, and DDP registers only the parameters that require gradients at that moment,
+    so a backbone unfrozen in phase 2 would train on each process's own gradients, never averaged:
+    the replicas would silently drift apart. Here every parameter is registered (the freeze happens
+    at the start of each epoch, after wrapping) and DDP runs with `find_unused_parameters` for runs
+    with a phase 1 (`launch.ddp_strategy`); Adam skips the frozen parameters, whose gradients stay
+    None, and keeps one parameter group, so checkpoints resume in either phase.
 
     Args:
         phase1_epochs: epochs with the backbone frozen (0 skips phase 1).
@@ -96,3 +108,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         with atomic_path(Path(path)) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class RandomState(L.Callback):
+    """Checkpoints carry torch's global RNG state (dropout masks draw from it) and resuming restores it.
+
+    With the stateless sampler and per-image augmentation seeds (`training.data`), this makes a run
+    resumed from last.ckpt draw exactly what the uninterrupted run would have.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -28,6 +28,8 @@ class TrainConfig:
         cache_size / input_size: side of the cached images and of the model input.
         workers: loader processes; precision "auto" picks bf16/fp16 AMP on GPUs, fp32 on CPUs.
         limit_train_batches: fraction (<=1.0) or number of training batches per epoch (quick runs).
+        logger: Lightning's step-level log in logs/, "csv" or "tensorboard" (metrics.csv, one
+            row per epoch, is written either way).
     """
 
     prepared: str = "runs/prepared"
@@ -58,6 +60,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     limit_train_batches: float = 1.0
+    logger: str = "csv"
 
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:
