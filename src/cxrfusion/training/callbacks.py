@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning as L
 import matplotlib
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -108,20 +107,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         with atomic_path(Path(path)) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-
-
-class RandomState(L.Callback):
-    """Checkpoints carry torch's global RNG state (dropout masks draw from it) and resuming restores it.
-
-    With the stateless sampler and per-image augmentation seeds (`training.data`), this makes a run
-    resumed from last.ckpt draw exactly what the uninterrupted run would have.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        if state_dict["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -24,20 +25,20 @@ from cxrfusion.data.cache import open_cache
 from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.options import Augmentation
 from cxrfusion.errors import CxrError
-from cxrfusion.training.callbacks import (
-    AtomicCheckpointIO,
-    EpochMetrics,
-    RandomState,
-    TwoPhaseTraining,
-)
+from cxrfusion.training.callbacks import AtomicCheckpointIO, EpochMetrics, TwoPhaseTraining
 from cxrfusion.training.config import TrainConfig
 from cxrfusion.training.data import CxrDataModule
 from cxrfusion.training.launch import ddp_strategy, launch_rank
 from cxrfusion.training.module import MONITOR, CxrClassifier
 from cxrfusion.training.progress import progress_bar
+from cxrfusion.training.resume import RandomState
 
 log = logging.getLogger(__name__)
 LOGGERS = ("csv", "tensorboard")
+EXPECTED_WARNINGS = (  # lines a user cannot act on, kept out of the log
+    r"Checkpoint directory .* exists and is not empty",  # config.yaml etc. are there by design
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning's call of a deprecated torch API
+)
 
 
 def _precision(requested: str) -> str:
@@ -195,7 +196,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     trainer = _trainer(config, run_dir, frozen_phase)
     if launch_rank() == 0:
         _write_run_files(config, run_dir, resume)
-    trainer.fit(module, datamodule=data, ckpt_path=last if resume else None)
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, datamodule=data, ckpt_path=last if resume else None)
     return run_dir
 
 
