@@ -32,10 +32,11 @@ class CachedXrayDataset(Dataset):
     (every loader worker, under fork or spawn) maps the file itself on first use, so a pickled
     dataset is a few kilobytes plus its targets and all workers share the page cache.
 
-    Augmentation is a function of (seed, epoch, index): each image's random flip, rotation, zoom
-    and brightness are drawn from its own generator, so an epoch repeats exactly whatever the
-    number of workers or processes, and a resumed run continues as if never stopped. The epoch
-    comes with each key from the sampler (`training.data.EpochSampler` yields (epoch, index)).
+    Augmentation is a function of (seed, epoch, index): each epoch draws one table of random
+    numbers (flip, rotation, zoom, brightness per image) from a generator seeded by (seed, epoch),
+    so an epoch repeats exactly whatever the number of workers or processes, and a resumed run
+    continues as if never stopped. The epoch comes with each key from the sampler
+    (`training.data.EpochSampler` yields (epoch, index)).
 
     Args:
         images: the cache: its .npy file (opened lazily, memory-mapped), a memory map of it
@@ -67,6 +68,7 @@ class CachedXrayDataset(Dataset):
         self.input_size = input_size
         self.augmentation = augmentation
         self.seed = seed
+        self._draws: tuple[int, np.ndarray] | None = None  # (epoch, its table), made per process
 
     @property
     def images(self) -> np.ndarray:
@@ -78,9 +80,17 @@ class CachedXrayDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         """What a spawned worker receives: the cache's file name, never the mapped array."""
         state = self.__dict__.copy()
+        state["_draws"] = None
         if self.cache_path is not None:
             state["_images"] = None
         return state
+
+    def _epoch_draws(self, epoch: int) -> np.ndarray:
+        """(len, 4) uniform numbers in [-1, 1) for every image of this epoch."""
+        if self._draws is None or self._draws[0] != epoch:
+            rng = np.random.default_rng((self.seed, epoch))
+            self._draws = epoch, rng.uniform(-1, 1, (len(self), 4))
+        return self._draws[1]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -96,12 +106,7 @@ class CachedXrayDataset(Dataset):
         if self.augmentation is None:
             batch = resize(raw, self.input_size)
         else:
-            draws = np.stack(
-                [
-                    np.random.default_rng((self.seed, int(epoch), index)).uniform(-1, 1, 4)
-                    for epoch, index in pairs
-                ]
-            )
+            draws = np.stack([self._epoch_draws(int(epoch))[index] for epoch, index in pairs])
             batch = augment(raw, self.input_size, self.augmentation, draws)
         images = torch.from_numpy(batch).unsqueeze(1)
         return list(zip(images, self.targets[indices], torch.tensor(indices), strict=True))
