@@ -202,6 +202,10 @@ def test_resume_without_a_run_is_a_one_line_error_and_writes_nothing(tmp_path, c
     assert main(["train", "--out", str(out), "--resume"]) == 2
     error = capsys.readouterr().err
     assert "last.ckpt" in error and error.count("\n") == 1
+    assert main(["train", "--out", str(out), "--resume", "--model", "fusion"]) == 2
+    assert "trains simple_cnn" in capsys.readouterr().err  # a run keeps its model
+    assert main(["train", "--out", str(out), "--resume", "--config", str(out / "x.yaml")]) == 2
+    assert "its own config.yaml" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
