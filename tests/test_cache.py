@@ -1,12 +1,17 @@
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import cxrfusion.data.cache as cache_module
 from cxrfusion.data.cache import build_cache, cache_files, open_cache
+from cxrfusion.data.dataset import CachedXrayDataset
 from cxrfusion.data.imageio import read_resized
+from cxrfusion.data.options import Augmentation
 from cxrfusion.errors import CxrError
 
 
@@ -93,3 +98,61 @@ def test_parallel_build_matches_serial_build(tmp_path):
 def test_opening_a_missing_cache_says_what_to_run(tmp_path):
     with pytest.raises(CxrError, match="cxrfusion prepare"):
         open_cache(tmp_path, 256)
+
+
+def test_a_changed_source_file_rebuilds_the_cache(tmp_path):
+    paths = _write_pngs(tmp_path / "images", 3)
+    build_cache(paths, tmp_path / "out", size=16, progress=False)
+    replacement = np.full((40, 40), 200, dtype=np.uint8)
+    Image.fromarray(replacement).save(paths[1])  # same name, new pixels (new size and mtime)
+    cache = build_cache(paths, tmp_path / "out", size=16, progress=False)
+    np.testing.assert_array_equal(
+        cache.images[cache.rows[paths[1].name]], read_resized(paths[1], 16)
+    )
+
+
+def test_a_corrupt_manifest_is_a_one_line_error_naming_it(tmp_path):
+    paths = _write_pngs(tmp_path / "images", 2)
+    build_cache(paths, tmp_path / "out", size=16, progress=False)
+    manifest = cache_files(tmp_path / "out", 16)[1]
+    for damage in ('{"size": 16, "names": [', "[1, 2]", "\xff\xfe"):
+        manifest.write_bytes(damage.encode("latin-1"))
+        for action in (
+            lambda: open_cache(tmp_path / "out", 16),
+            lambda: build_cache(paths, tmp_path / "out", size=16, progress=False),
+        ):
+            with pytest.raises(CxrError, match=f"{manifest}: corrupt cache manifest") as error:
+                action()
+            assert "\n" not in str(error.value)
+
+
+def _fetch_in_a_spawned_worker(dataset: CachedXrayDataset) -> torch.Tensor:
+    loader = DataLoader(dataset, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    return next(iter(loader))[0]
+
+
+def test_a_spawned_loader_worker_maps_the_cache_instead_of_receiving_a_copy(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (256, 64, 64), dtype=np.uint8)
+    np.save(tmp_path / "images_64.npy", images)  # 1 MiB of cache
+    mapped = np.load(tmp_path / "images_64.npy", mmap_mode="r")
+    dataset = CachedXrayDataset(mapped, np.arange(256)[::-1], np.zeros((256, 14)), input_size=64)
+    dataset[0]  # the map is open in this process now; a pickle must still leave it out
+    assert len(pickle.dumps(dataset)) < images.nbytes / 20
+    batch = _fetch_in_a_spawned_worker(dataset)
+    np.testing.assert_array_equal(batch[:, 0].numpy(), images[255:251:-1])
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (8, 64, 64), dtype=np.uint8)
+    np.save(tmp_path / "images_64.npy", images)
+    dataset = CachedXrayDataset(
+        tmp_path / "images_64.npy", np.arange(8), np.zeros((8, 14)), 48, Augmentation(), seed=3
+    )
+    alone = dataset[(2, 5)][0]
+    in_a_batch = dataset.__getitems__([(2, 1), (2, 5), (2, 7)])[1][0]
+    assert torch.equal(alone, in_a_batch)  # batch composition (workers, processes) does not matter
+    assert not torch.equal(alone, dataset[(3, 5)][0])  # another epoch, another augmentation
+    reseeded = CachedXrayDataset(
+        tmp_path / "images_64.npy", np.arange(8), np.zeros((8, 14)), 48, Augmentation(), seed=4
+    )
+    assert not torch.equal(alone, reseeded[(2, 5)][0])

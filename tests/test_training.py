@@ -1,5 +1,6 @@
 """Training: a complete run directory, real learning, two phases, and surviving SIGKILL."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,15 +16,19 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from cxrfusion.cli import main
+from cxrfusion.data.cache import open_cache
 from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.split import read_split, write_split
+from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.calibration import apply_temperature, fit_temperature, nll
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
 from cxrfusion.evaluation.predictions import predict_logits
 from cxrfusion.inference import load_run
 from cxrfusion.labels import LABELS
+from cxrfusion.models import create_model, save_backbone_weights
 from cxrfusion.training.config import TrainConfig
 from cxrfusion.training.fit import best_epoch, train
+from cxrfusion.training.losses import create_loss
 
 PHANTOM_SIZE = 64  # the side of the phantoms and cache made by conftest.py
 
@@ -72,6 +77,10 @@ def test_a_run_directory_holds_everything_to_reproduce_and_reload_it(simple_cnn_
     assert metrics["epoch"].tolist() == list(range(len(metrics)))
     model, loaded = load_run(simple_cnn_run)
     assert loaded.model == "simple_cnn" and not model.training
+    environment = yaml.safe_load((simple_cnn_run / "environment.yaml").read_text())
+    for key in ("git_commit", "torch", "lightning", "timm", "numpy", "cache_fingerprint"):
+        assert key in environment, key
+    assert environment["cache_fingerprint"] == open_cache(prepared, PHANTOM_SIZE).fingerprint
 
 
 def test_shuffled_labels_leave_the_model_at_chance(prepared, tmp_path):
@@ -89,24 +98,56 @@ def test_shuffled_labels_leave_the_model_at_chance(prepared, tmp_path):
     assert abs(mean_auc - 0.5) < 0.06
 
 
+def _backbone_and_head(state_dict: dict) -> tuple[dict, dict]:
+    """A TimmClassifier's checkpoint tensors split into backbone (weights and BatchNorm
+    statistics) and head."""
+    backbone = {k: v for k, v in state_dict.items() if k.startswith("model.features.")}
+    head = {k: v for k, v in state_dict.items() if k.startswith("model.head.")}
+    assert backbone and head and len(backbone) + len(head) == len(state_dict)
+    return backbone, head
+
+
 def test_phase_one_trains_the_head_only_then_phase_two_everything(prepared, tmp_path):
+    """Phase 1 keeps the loaded backbone bit for bit, BatchNorm statistics included; phase 2,
+    resumed from phase 1's checkpoint, trains it at phase2_lr. TensorBoard logs as asked."""
+    weights = save_backbone_weights(
+        create_model("test_efficientnet", weights="none"), tmp_path / "weights.pth"
+    )
+    loaded = {
+        f"model.features.{k}": v
+        for k, v in torch.load(weights, weights_only=True)["test_efficientnet"].items()
+    }
     out = tmp_path / "run"
     config = TrainConfig(
         prepared=str(prepared),
         out=str(out),
         model="test_efficientnet",
-        epochs=2,
+        epochs=1,
         phase1_epochs=1,
         phase2_lr=3e-5,
         limit_train_batches=3,
-        **QUICK,
+        logger="tensorboard",
+        **(QUICK | dict(weights=str(weights))),
     )
     train(config)
+    backbone_1, head_1 = _backbone_and_head(
+        torch.load(out / "last.ckpt", weights_only=False)["state_dict"]
+    )
+    assert backbone_1.keys() == loaded.keys()
+    assert all(torch.equal(backbone_1[k], loaded[k]) for k in loaded)
+
+    train(dataclasses.replace(config, epochs=2), resume=True)
+    backbone_2, head_2 = _backbone_and_head(
+        torch.load(out / "last.ckpt", weights_only=False)["state_dict"]
+    )
+    weights_changed = [k for k in loaded if k.endswith(".weight") and not torch.equal(
+        backbone_2[k], loaded[k])]  # fmt: skip
+    assert len(weights_changed) > 0.9 * sum(k.endswith(".weight") for k in loaded)
+    assert any(not torch.equal(head_2[k], head_1[k]) for k in head_1)
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["phase"].tolist() == [1, 2]
     assert metrics["lr"].tolist()[1] == pytest.approx(3e-5)
-    checkpoints = [torch.load(out / f"{n}.ckpt", weights_only=False) for n in ("best", "last")]
-    assert all(c["optimizer_states"] for c in checkpoints)
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
 def test_an_existing_run_is_not_overwritten(simple_cnn_run, prepared, capsys):
@@ -114,34 +155,91 @@ def test_an_existing_run_is_not_overwritten(simple_cnn_run, prepared, capsys):
     assert code == 2 and "--resume" in capsys.readouterr().err
 
 
-def test_sigkill_mid_epoch_then_resume_finishes_a_loadable_run(prepared, tmp_path):
-    out = tmp_path / "run"
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(prepared, tmp_path):
+    """Killed at any moment after its first checkpoint, then resumed with `--out DIR --resume`
+    alone (the run's config.yaml supplies the rest): metrics.csv equals an uninterrupted run's.
+    test_efficientnet has dropout (global RNG), BatchNorm and a phase switch; augmentation is on."""
     command = [
         sys.executable, "-m", "cxrfusion.cli", "train", "--prepared", str(prepared),
-        "--out", str(out), "--model", "simple_cnn", "--epochs", "4", "--weights", "none",
-        "--cache-size", str(PHANTOM_SIZE), "--input-size", str(PHANTOM_SIZE), "--workers", "0",
+        "--model", "test_efficientnet", "--epochs", "4", "--phase1-epochs", "2",
+        "--plateau-patience", "1", "--weights", "none", "--cache-size", str(PHANTOM_SIZE),
+        "--input-size", str(PHANTOM_SIZE), "--workers", "0", "--batch-size", "16",
+        "--limit-train-batches", "6",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    whole = tmp_path / "whole"
+    subprocess.run([*command, "--out", str(whole)], check=True, capture_output=True, timeout=600)
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 300
     while not (out / "last.ckpt").exists() and process.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.2)
-    time.sleep(1.0)  # well into the next epoch
+        time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert process.returncode == -signal.SIGKILL
-    epochs_before = len(pd.read_csv(out / "metrics.csv"))
-    assert epochs_before < 4
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()[-2000:]
+    assert len(pd.read_csv(out / "metrics.csv")) < 4
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    resume = [sys.executable, "-m", "cxrfusion.cli", "train", "--out", str(out), "--resume"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "best validation macro AUC" in resumed.stdout
-    metrics = pd.read_csv(out / "metrics.csv")
-    assert metrics["epoch"].tolist() == [0, 1, 2, 3]
-    for name in ("best.ckpt", "last.ckpt"):
-        assert torch.load(out / name, weights_only=False)["state_dict"]
+    assert "epoch 4/4  phase 2  train_loss" in resumed.stdout  # one line per epoch, no bar
+    expected, got = (pd.read_csv(run / "metrics.csv") for run in (whole, out))
+    assert got["epoch"].tolist() == [0, 1, 2, 3] and got["phase"].tolist() == [1, 1, 2, 2]
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=0, atol=1e-6)
     assert not list(out.glob(".*.tmp"))  # no half-written checkpoint left behind
     load_run(out)
+
+
+def test_resume_without_a_run_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    assert "config.yaml" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    (out / "config.yaml").write_text(TrainConfig(out=str(out)).to_yaml())
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "last.ckpt" in error and error.count("\n") == 1
+    assert main(["train", "--out", str(out), "--resume", "--model", "fusion"]) == 2
+    assert "trains simple_cnn" in capsys.readouterr().err  # a run keeps its model
+    assert main(["train", "--out", str(out), "--resume", "--config", str(out / "x.yaml")]) == 2
+    assert "its own config.yaml" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_a_mistake_found_while_building_the_model_leaves_no_run_directory(prepared, tmp_path):
+    out = tmp_path / "run"
+    config = TrainConfig(
+        prepared=str(prepared),
+        out=str(out),
+        model="test_efficientnet",
+        **(QUICK | dict(weights=str(tmp_path / "missing.pth"))),
+    )
+    with pytest.raises(CxrError, match="missing.pth"):
+        train(config)
+    assert not out.exists()
+
+
+def test_focal_loss_is_computed_in_float32_under_mixed_precision():
+    logits = torch.randn(64, 14) * 4
+    targets = (torch.rand(64, 14) < 0.1).float()
+    loss = create_loss("focal")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(logits.bfloat16(), targets)
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(loss(logits.bfloat16().float(), targets).item(), rel=1e-6)
+
+
+def test_environment_names_the_commit_and_survives_outside_git(monkeypatch, tmp_path):
+    import cxrfusion
+    from cxrfusion.training import fit
+
+    commit = fit._git_commit()
+    assert commit is None or len(commit.removesuffix("-dirty")) == 40
+    monkeypatch.setattr(cxrfusion, "__file__", str(tmp_path / "cxrfusion" / "__init__.py"))
+    assert fit._git_commit() is None
 
 
 def test_training_on_real_nih_images_writes_a_complete_run(nih_sample, tmp_path):

@@ -197,6 +197,8 @@ TRAIN_HELP = {
     "precision": "auto (bf16/fp16 AMP on GPU, fp32 on CPU), 32-true, 16-mixed, bf16-mixed",
     "channels_last": "NHWC memory layout (faster convolutions)",
     "limit_train_batches": "fraction or number of training batches per epoch (quick runs)",
+    "logger": "csv (default) or tensorboard: Lightning's step log in <out>/logs/ "
+    "(`tensorboard --logdir <out>/logs`); metrics.csv is written either way",
 }
 AUGMENTATION_HELP = {
     "flip": "probability of a horizontal flip (default 0.5)",
@@ -225,12 +227,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "validation macro ROC-AUC. Defaults are the report's Table 1. Precedence: defaults < "
         "--config YAML < flags. The run directory holds config.yaml, split.csv, metrics.csv, "
         "loss_curves.png, best.ckpt and last.ckpt.",
-        epilog="example: cxrfusion train --prepared runs/prepared --model fusion --out runs/fusion",
+        epilog="examples:\n"
+        "  cxrfusion train --prepared runs/prepared --model fusion --out runs/fusion\n"
+        "  torchrun --standalone --nproc-per-node 4 -m cxrfusion.cli train --prepared "
+        "runs/prepared \\\n      --model fusion --accelerator gpu --devices 4 --strategy ddp",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=Path, help="YAML file with any of the options below")
-    p.add_argument("--data", type=Path, help="NIH folder: run `prepare` into --prepared first")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="NIH folder: run `prepare` into --prepared first (rank 0 only; other ranks wait)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.ckpt, with its own config.yaml",
+    )
     for f in dataclasses.fields(TrainConfig):
         if f.name == "augmentation":
             for key, text in AUGMENTATION_HELP.items():
@@ -244,12 +257,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def train_config(args: argparse.Namespace) -> object:
-    """The run's config: defaults < --config YAML < explicit flags."""
+    """The run's config: defaults < --config YAML < explicit flags.
+
+    With --resume the base is the run's own config.yaml (in --out, default runs/<model>): flags
+    may change how it goes on (e.g. --epochs, --devices), not which model it trains.
+    """
     from cxrfusion.training.config import TrainConfig
 
-    if args.resume and args.out and (Path(args.out) / "config.yaml").exists() and not args.config:
-        args.config = Path(args.out) / "config.yaml"
-    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    if args.resume:
+        if args.config:
+            raise CxrError("--config with --resume: a resumed run reads its own config.yaml")
+        run_dir = Path(args.out or f"runs/{args.model or TrainConfig().model}")
+        source = run_dir / "config.yaml"
+        if not source.is_file():
+            raise CxrError(f"{source}: no run to resume (no config.yaml); train without --resume")
+        config = TrainConfig.from_yaml(source)
+        if args.model is not None and args.model != config.model:
+            raise CxrError(f"--model {args.model}: the run in {run_dir} trains {config.model}")
+        args.out = str(run_dir)  # the directory it is in now, wherever it was started
+    else:
+        config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     flags = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
@@ -282,20 +309,18 @@ def _check_train(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from cxrfusion.training.fit import best_epoch, train
+    from cxrfusion.training.launch import launch_rank, prepare_once
 
     config = train_config(args)
     if args.data:
         from cxrfusion.data.options import PrepareOptions
-        from cxrfusion.data.prepare import prepare
 
-        prepare(
-            args.data,
-            Path(config.prepared),
-            PrepareOptions(size=config.cache_size, workers=max(config.workers, 1)),
-        )
+        options = PrepareOptions(size=config.cache_size, workers=max(config.workers, 1))
+        prepare_once(args.data, Path(config.prepared), options)  # rank 0 only; others wait
     run_dir = train(config, resume=args.resume)
-    epoch, auc = best_epoch(run_dir)
-    print(f"best validation macro AUC {auc:.3f} (epoch {epoch}); run directory: {run_dir}")
+    if launch_rank() == 0:
+        epoch, auc = best_epoch(run_dir)
+        print(f"best validation macro AUC {auc:.3f} (epoch {epoch}); run directory: {run_dir}")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -600,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("lightning.pytorch").propagate = False  # it has its own handler
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False  # each has its own handler
     try:
         if hasattr(args, "check"):
             args.check(args)

@@ -2,7 +2,10 @@
 
 Layout in the output folder, for a cache of side `size`:
     images_<size>.npy    uint8 array (N, size, size), row i holds names[i]
-    images_<size>.json   {"size", "names", "failed": {name: reason}}
+    images_<size>.json   {"size", "fingerprint", "names", "failed": {name: reason}}
+
+The fingerprint covers the cache side and each source file's path, size and modification time, so a
+changed, added or removed image rebuilds the cache.
 
 The array is written into `.images_<size>.partial.npy` with a bitmap of finished rows saved after every
 chunk, so an interrupted build resumes where it stopped; the finished files are renamed into place, so a
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -33,11 +37,17 @@ CHUNK = 256
 
 @dataclass(frozen=True)
 class ImageCache:
-    """An opened cache: a read-only memory map plus the row of each image name."""
+    """An opened cache: a read-only memory map plus the row of each image name.
+
+    `path` is the array file: datasets keep it rather than the map, and open the map lazily in
+    each loader worker (see `dataset.CachedXrayDataset`).
+    """
 
     images: np.ndarray
     rows: dict[str, int]
     failed: dict[str, str]
+    path: Path
+    fingerprint: str
 
     @property
     def size(self) -> int:
@@ -59,23 +69,49 @@ def cache_files(out: Path, size: int) -> tuple[Path, Path]:
     return out / f"images_{size}.npy", out / f"images_{size}.json"
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A cache manifest (or partial-build state); unreadable or malformed is a CxrError naming it."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CxrError(
+            f"{path}: corrupt cache manifest ({error}); delete it and run prepare"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), str):
+        raise CxrError(
+            f"{path}: corrupt cache manifest (no fingerprint); delete it and run prepare"
+        )
+    return manifest
+
+
 def open_cache(out: Path, size: int) -> ImageCache:
     """Open a finished cache read-only (memory-mapped, so workers share the page cache)."""
     array_path, manifest_path = cache_files(out, size)
     if not array_path.exists() or not manifest_path.exists():
         raise CxrError(f"{array_path}: no image cache of size {size}; run `cxrfusion prepare`")
-    manifest = json.loads(manifest_path.read_text())
-    images = np.load(array_path, mmap_mode="r")
-    names = manifest["names"]
+    manifest = read_manifest(manifest_path)
+    names, failed = manifest.get("names"), manifest.get("failed")
+    if not isinstance(names, list) or not isinstance(failed, dict):
+        raise CxrError(f"{manifest_path}: corrupt cache manifest (names or failed missing)")
+    try:
+        images = np.load(array_path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise CxrError(f"{array_path}: unreadable image cache ({error}); run prepare") from None
     if images.shape != (len(names), size, size):
         raise CxrError(f"{array_path}: shape {images.shape} does not match its manifest")
-    return ImageCache(images, {n: i for i, n in enumerate(names)}, manifest["failed"])
+    rows = {n: i for i, n in enumerate(names)}
+    return ImageCache(images, rows, failed, array_path, manifest["fingerprint"])
 
 
 def _fingerprint(paths: Sequence[Path], size: int) -> str:
+    """Side, then each file's path, size and modification time: a changed file rebuilds."""
     digest = hashlib.sha256(str(size).encode())
     for path in paths:
-        digest.update(str(path).encode() + b"\0")
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise CxrError(f"{path}: cannot read ({error.strerror})") from None
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()
 
 
@@ -112,15 +148,13 @@ def build_cache(
     array_path, manifest_path = cache_files(out, size)
     names = [p.name for p in paths]
     fingerprint = _fingerprint(paths, size)
-    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == (
-        fingerprint
-    ):
+    if manifest_path.exists() and read_manifest(manifest_path)["fingerprint"] == fingerprint:
         log.info("image cache %s is up to date", array_path)
         return open_cache(out, size)
 
     partial = out / f".images_{size}.partial.npy"
     state_path = out / f".images_{size}.partial.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = _partial_state(state_path)
     if partial.exists() and state.get("fingerprint") == fingerprint:
         images = np.load(partial, mmap_mode="r+")
         packed = np.frombuffer(bytes.fromhex(state["done"]), dtype=np.uint8)
@@ -133,7 +167,12 @@ def build_cache(
         failed = {}
 
     todo = np.flatnonzero(~done)
-    bar = tqdm(total=len(paths), initial=int(done.sum()), desc="image cache", disable=not progress)
+    bar = tqdm(
+        total=len(paths),
+        initial=int(done.sum()),
+        desc="image cache",
+        disable=None if progress else True,  # None: no bar when stderr is not a terminal
+    )
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Serial() as pool:
         for start in range(0, len(todo), CHUNK):
             jobs = [(int(i), paths[i], size) for i in todo[start : start + CHUNK]]
@@ -166,6 +205,17 @@ def build_cache(
     write_atomic(manifest_path, json.dumps(manifest))
     state_path.unlink()
     return open_cache(out, size)
+
+
+def _partial_state(path: Path) -> dict[str, Any]:
+    """The state of an interrupted build; a damaged one only costs a fresh start."""
+    if not path.exists():
+        return {}
+    try:
+        return read_manifest(path)
+    except CxrError as error:
+        log.warning("%s: starting the image cache afresh", error)
+        return {}
 
 
 class _Serial:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from cxrfusion.data.transforms import augment, resize
 from cxrfusion.labels import LABELS
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Key = int | tuple[int, int]  # a dataset index, or (epoch, index) from an epoch-aware sampler
 
 
 class CachedXrayDataset(Dataset):
@@ -24,47 +26,88 @@ class CachedXrayDataset(Dataset):
     The index lets distributed evaluation drop the repeats a distributed sampler pads with.
 
     Images stay uint8 until `transforms.normalize` runs on the device. Fetching goes through
-    `__getitems__`, so the DataLoader hands over whole batches; augmentation draws from torch's RNG,
-    which Lightning's `seed_everything(workers=True)` seeds per worker, so runs repeat.
+    `__getitems__`, so the DataLoader hands over whole batches.
+
+    Memory stays flat: the dataset holds the cache's file name, not its array, and each process
+    (every loader worker, under fork or spawn) maps the file itself on first use, so a pickled
+    dataset is a few kilobytes plus its targets and all workers share the page cache.
+
+    Augmentation is a function of (seed, epoch, index): each epoch draws one table of random
+    numbers (flip, rotation, zoom, brightness per image) from a generator seeded by (seed, epoch),
+    so an epoch repeats exactly whatever the number of workers or processes, and a resumed run
+    continues as if never stopped. The epoch comes with each key from the sampler
+    (`training.data.EpochSampler` yields (epoch, index)).
 
     Args:
-        images: the cache array (N, S, S) uint8, usually a read-only memory map.
+        images: the cache: its .npy file (opened lazily, memory-mapped), a memory map of it
+            (only its file name is kept), or a small in-memory array (tests).
         rows: cache row of each sample.
         targets: (len(rows), 14) 0/1 labels in LABELS order.
         input_size: side of the model input in pixels.
         augmentation: the report's augmentations (training only) or None.
+        seed: seed of the augmentation draws.
     """
 
     def __init__(
         self,
-        images: np.ndarray,
+        images: Path | str | np.ndarray,
         rows: np.ndarray,
         targets: np.ndarray,
         input_size: int = 224,
         augmentation: Augmentation | None = None,
+        seed: int = 0,
     ) -> None:
         if len(rows) != len(targets):
             raise ValueError(f"{len(rows)} rows but {len(targets)} targets")
-        self.images = images
+        if isinstance(images, np.memmap):
+            images = images.filename
+        self.cache_path = None if isinstance(images, np.ndarray) else Path(images)
+        self._images = images if isinstance(images, np.ndarray) else None
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
         self.input_size = input_size
         self.augmentation = augmentation
+        self.seed = seed
+        self._draws: tuple[int, np.ndarray] | None = None  # (epoch, its table), made per process
+
+    @property
+    def images(self) -> np.ndarray:
+        """The whole cache array (N, S, S) uint8, memory-mapped by this process on first use."""
+        if self._images is None:
+            self._images = np.load(self.cache_path, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a spawned worker receives: the cache's file name, never the mapped array."""
+        state = self.__dict__.copy()
+        state["_draws"] = None
+        if self.cache_path is not None:
+            state["_images"] = None
+        return state
+
+    def _epoch_draws(self, epoch: int) -> np.ndarray:
+        """(len, 4) uniform numbers in [-1, 1) for every image of this epoch."""
+        if self._draws is None or self._draws[0] != epoch:
+            rng = np.random.default_rng((self.seed, epoch))
+            self._draws = epoch, rng.uniform(-1, 1, (len(self), 4))
+        return self._draws[1]
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> Sample:
-        return self.__getitems__([index])[0]
+    def __getitem__(self, key: Key) -> Sample:
+        return self.__getitems__([key])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        """(image uint8 (1, size, size), targets float (14,), index) for each index."""
-        indices = list(indices)
+    def __getitems__(self, keys: Sequence[Key]) -> list[Sample]:
+        """(image uint8 (1, size, size), targets float (14,), index) for each key."""
+        pairs = [key if isinstance(key, tuple) else (0, key) for key in keys]
+        indices = [int(index) for _, index in pairs]
         raw = self.images[self.rows[indices]]
         if self.augmentation is None:
             batch = resize(raw, self.input_size)
         else:
-            batch = augment(raw, self.input_size, self.augmentation)
+            draws = np.stack([self._epoch_draws(int(epoch))[index] for epoch, index in pairs])
+            batch = augment(raw, self.input_size, self.augmentation, draws)
         images = torch.from_numpy(batch).unsqueeze(1)
         return list(zip(images, self.targets[indices], torch.tensor(indices), strict=True))
 
@@ -75,12 +118,14 @@ def split_datasets(
     input_size: int = 224,
     augmentation: Augmentation | None = None,
     split_file: Path | None = None,
+    seed: int = 0,
 ) -> dict[str, CachedXrayDataset]:
     """The train/val/test datasets of a prepared folder; augmentation applies to train only.
 
     Args:
         prepared: folder written by `cxrfusion prepare` (image cache, split.csv).
         split_file: another split.csv over the same images, e.g. the copy in a run directory.
+        seed: seed of the training augmentation.
     """
     split = read_split(split_file or prepared / "split.csv")
     cache = open_cache(prepared, cache_size)
@@ -89,10 +134,11 @@ def split_datasets(
         part = split[split["split"] == name]
         rows = cache.rows_for(part["Image Index"].tolist(), prepared)
         datasets[name] = CachedXrayDataset(
-            cache.images,
+            cache.path,
             rows,
             part[list(LABELS)].to_numpy(),
             input_size,
             augmentation if name == "train" else None,
+            seed,
         )
     return datasets

@@ -32,12 +32,17 @@ def _warp_matrix(source: int, size: int, angle: float, scale: float, flip: bool)
     return np.hstack([linear, offset[:, None]])
 
 
-def augment(images: np.ndarray, size: int, augmentation: Augmentation) -> np.ndarray:
+def augment(
+    images: np.ndarray, size: int, augmentation: Augmentation, draws: np.ndarray | None = None
+) -> np.ndarray:
     """Randomly flip, rotate, zoom and brighten a uint8 batch (B, S, S) into (B, size, size).
 
-    Random numbers come from torch's global RNG, which Lightning seeds per loader worker.
+    Args:
+        draws: (B, 4) uniform numbers in [-1, 1] per image (angle, zoom, flip, brightness), e.g.
+            seeded per image by the dataset; None draws them from torch's global RNG.
     """
-    draws = torch.rand(len(images), 4, dtype=torch.float64).numpy() * 2 - 1
+    if draws is None:
+        draws = torch.rand(len(images), 4, dtype=torch.float64).numpy() * 2 - 1
     out = np.empty((len(images), size, size), dtype=np.uint8)
     for image, (u_angle, u_zoom, u_flip, u_bright), target in zip(images, draws, out, strict=True):
         matrix = _warp_matrix(

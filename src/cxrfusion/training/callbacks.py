@@ -21,7 +21,18 @@ from cxrfusion.data.figures import save_figure  # noqa: E402
 class TwoPhaseTraining(L.Callback):
     """Phase 1 trains the head on a frozen backbone; phase 2 fine-tunes all layers at a low rate.
 
-    The phase is a function of the epoch alone, so a resumed run lands in the right one.
+    The phase is a function of the epoch alone, so a resumed run lands in the right one. The
+    frozen backbone keeps its BatchNorm in eval mode (`CxrModel.freeze_backbone`); at the switch
+    every parameter group moves to `phase2_lr` and the plateau and early-stopping counters start
+    afresh.
+
+    Why not Lightning's `BaseFinetuning`: it freezes in its `setup` hook, before the strategy wraps
+    the model in DDP, and DDP registers only the parameters that require gradients at that moment,
+    so a backbone unfrozen in phase 2 would train on each process's own gradients, never averaged:
+    the replicas would silently drift apart. Here every parameter is registered (the freeze happens
+    at the start of each epoch, after wrapping) and DDP runs with `find_unused_parameters` for runs
+    with a phase 1 (`launch.ddp_strategy`); Adam skips the frozen parameters, whose gradients stay
+    None, and keeps one parameter group, so checkpoints resume in either phase.
 
     Args:
         phase1_epochs: epochs with the backbone frozen (0 skips phase 1).

@@ -23,6 +23,7 @@ from cxrfusion.errors import CxrError
 LOSSES = ("focal", "bce", "asl")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+LOGGERS = ("csv", "tensorboard")
 # Lightning's forms: auto, -1 (all), a count, or indices ("0,1", or "1," for index 1 alone).
 DEVICES = re.compile(r"auto|-1|[1-9]\d*|\d+(,\d+)+|\d+,")
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -83,6 +84,7 @@ _CHECKS = {
     "precision": lambda n, v: check_choice(n, v, PRECISIONS),
     "channels_last": check_bool,
     "limit_train_batches": lambda n, v: check_number(n, v, above=0),
+    "logger": lambda n, v: check_choice(n, v, LOGGERS),
 }
 
 
@@ -143,6 +145,8 @@ class TrainConfig:
         cache_size / input_size: side of the cached images and of the model input.
         workers: loader processes; precision "auto" picks bf16/fp16 AMP on GPUs, fp32 on CPUs.
         limit_train_batches: fraction (<=1.0) or number of training batches per epoch (quick runs).
+        logger: Lightning's step-level log in logs/, "csv" or "tensorboard" (metrics.csv, one
+            row per epoch, is written either way).
 
     Every setting is checked when set (constructor, YAML, later assignment) and raises
     `InvalidOption` (a CxrError) naming it; `check_can_run` checks the rest.
@@ -176,6 +180,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     limit_train_batches: float = 1.0
+    logger: str = "csv"
 
     def __setattr__(self, name: str, value: object) -> None:
         """Each setting is checked as it is set: in the constructor and on later assignment."""

@@ -17,7 +17,8 @@ def create_loss(name: str = "focal", alpha: float = 0.25, gamma: float = 2.0) ->
     """A loss `fn(logits, targets) -> scalar`.
 
     Args:
-        name: "focal" (the report's; torchvision's sigmoid focal loss, mean over all elements),
+        name: "focal" (the report's; torchvision's sigmoid focal loss, mean over all elements,
+            computed in float32 under mixed precision),
             "bce" (binary cross-entropy) or "asl" (timm's asymmetric loss, summed as timm does).
         alpha: focal weight of positives; 0.25 weights positives at 0.25 and negatives at 0.75
             (the RetinaNet convention), a negative value disables the weighting.
@@ -26,7 +27,10 @@ def create_loss(name: str = "focal", alpha: float = 0.25, gamma: float = 2.0) ->
     if name == "focal":
 
         def focal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="mean")
+            # float32 even under AMP: (1 - p) ** gamma of confident predictions underflows in fp16
+            return sigmoid_focal_loss(
+                logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="mean"
+            )
 
         return focal
     if name == "bce":

@@ -77,9 +77,11 @@ class CxrClassifier(L.LightningModule):
         probs, targets = self._gather_unique(self._val_outputs)
         self._val_outputs.clear()
         aucs = per_class_auc(targets, probs)  # NaN for a class without positives, never 0
-        self.log(MONITOR, float(np.nan_to_num(macro_auc(aucs), nan=0.5)), prog_bar=True)
+        # every process computed the same value from the gathered predictions: "max" keeps it exact
+        same = dict(sync_dist=True, reduce_fx="max")
+        self.log(MONITOR, float(np.nan_to_num(macro_auc(aucs), nan=0.5)), prog_bar=True, **same)
         for name, auc in zip(LABELS, aucs, strict=True):
-            self.log(f"val_auc/{name}", float(auc))
+            self.log(f"val_auc/{name}", float(auc), **same)
 
     def _gather_unique(self, outputs: list) -> tuple[np.ndarray, np.ndarray]:
         """All validation predictions across processes, each image once.
@@ -108,3 +110,14 @@ class CxrClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR, "interval": "epoch"},
         }
+
+    def on_train_epoch_end(self) -> None:
+        """Step the plateau schedule now, before the epoch's checkpoint is written.
+
+        Lightning steps epoch schedulers after its end-of-epoch checkpoint, so a run resumed from
+        that checkpoint would miss one step and drift from the uninterrupted run.
+        """
+        self.lr_schedulers().step(self.trainer.callback_metrics[MONITOR])
+
+    def lr_scheduler_step(self, scheduler: ReduceLROnPlateau, metric: object) -> None:
+        """A no-op: `on_train_epoch_end` has stepped the schedule already."""
