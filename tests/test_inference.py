@@ -19,6 +19,7 @@ from scipy.special import expit, logit
 from cxrfusion import Classifier
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
+from cxrfusion.inference.classifier import Predictions
 from cxrfusion.labels import LABELS
 
 
@@ -94,7 +95,12 @@ def test_png_dicom_and_array_of_the_same_pixels_give_the_same_probabilities(
     sources = [
         png,
         _dicom(tmp_path / "mono2.dcm", pixels.astype(np.uint16) * 16, "MONOCHROME2"),
-        _dicom(tmp_path / "mono1.dcm", (255 - pixels.astype(np.uint16)) * 16, "MONOCHROME1"),
+        _dicom(
+            tmp_path / "mono1.dcm",
+            (255 - pixels.astype(np.uint16)) * 16,
+            "MONOCHROME1",
+            ViewPosition="LL",  # predicted all the same, but with a warning
+        ),
         ("upload.dcm", (tmp_path / "mono1.dcm").read_bytes()),
         pixels,
     ]
@@ -104,6 +110,9 @@ def test_png_dicom_and_array_of_the_same_pixels_give_the_same_probabilities(
         np.testing.assert_allclose(other.probability, predictions[0].probability, atol=1e-4)
         np.testing.assert_array_equal(other.image, predictions[0].image)
     assert [p.source for p in predictions[3:]] == ["upload.dcm", "array[0]"]
+    warnings = Predictions(predictions).to_frame()["warning"].tolist()
+    assert warnings[:2] == ["", ""] and warnings[4] == ""
+    assert all("ViewPosition LL: not a frontal chest view" in w for w in warnings[2:4])
 
 
 def test_saved_temperatures_divide_the_logits(real_run, nih_sample, tmp_path):
