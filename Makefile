@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole pipeline on built-in phantoms, CPU-sized: synth > prepare > train two models >
-# evaluate both > compare. Each step is the CLI a user would type.
+# evaluate both > compare > predict new files. Each step is the CLI a user would type.
 CX := $(BIN)/cxrfusion
 QUICK := --weights none --cache-size 128 --workers 2
 demo: $(STAMP)
@@ -29,12 +29,15 @@ demo: $(STAMP)
 	$(CX) evaluate --run $(DEMO)/simple_cnn
 	$(CX) evaluate --run $(DEMO)/fusion --temperature-scale
 	$(CX) compare $(DEMO)/simple_cnn $(DEMO)/fusion --out $(DEMO)/comparison
+	mkdir -p $(DEMO)/new_images && cp $(DEMO)/phantoms/images/0000000[1-5]_*.png $(DEMO)/new_images/
+	$(CX) predict --run $(DEMO)/fusion $(DEMO)/new_images --out $(DEMO)/predictions
 	@echo
 	@echo "demo outputs in $(DEMO)/:"
 	@echo "  data:     $(DEMO)/phantoms, split + cache + figures in $(DEMO)/prepared"
 	@echo "  runs:     $(DEMO)/simple_cnn, $(DEMO)/fusion (metrics.csv, loss_curves.png, best.ckpt)"
 	@echo "  reports:  $(DEMO)/simple_cnn/eval_test/report.html, $(DEMO)/fusion/eval_test/report.html"
 	@echo "  table 2:  $(DEMO)/comparison/comparison.md"
+	@echo "  predict:  $(DEMO)/predictions/predictions.csv, predictions.json (images: $(DEMO)/new_images)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -19,7 +19,7 @@ from cxrfusion.data.options import PrepareOptions
 from cxrfusion.data.split import read_split, write_split
 from cxrfusion.data.synthetic import synthesize
 from cxrfusion.errors import CxrError
-from cxrfusion.inference import load_run
+from cxrfusion.inference.runs import load_run
 from cxrfusion.training.launch import PREPARED_MARKER, ddp_strategy, launch_rank, prepare_once
 from cxrfusion.training.module import MONITOR
 

@@ -13,13 +13,20 @@ import pydicom
 import pytest
 from PIL import Image, ImageFile
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from cxrfusion.data.imageio import (
     IMAGE_SUFFIXES,
     MAX_PIXELS,
     check_image,
     read_image,
+    read_radiograph,
     read_resized,
     resize_square,
 )
@@ -422,3 +429,77 @@ def test_check_image_finds_header_problems_without_decoding(tmp_path: Path) -> N
         with pytest.raises(CxrError, match=match) as error:
             check_image(tmp_path / name)
         assert name in str(error.value) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------- uploads, compression, views
+
+
+def test_bytes_decode_exactly_like_the_file(tmp_path: Path) -> None:
+    png = _write_png(tmp_path / "g.png", _gradient())
+    dicom = _write_dicom(tmp_path / "r.dcm", _ramp_12bit(), "MONOCHROME1")
+    for path in (png, dicom):
+        from_bytes = read_radiograph(path.read_bytes(), name="upload")
+        np.testing.assert_array_equal(from_bytes.pixels, read_image(path))
+    # A DICOM upload is recognised by its preamble whatever its name says.
+    np.testing.assert_array_equal(
+        read_radiograph(dicom.read_bytes(), name="scan").pixels, read_image(dicom)
+    )
+
+
+@pytest.mark.parametrize("data", [b"", b"GIF89a" + b"\0" * 200])
+def test_bad_uploads_are_errors_naming_the_upload(data: bytes) -> None:
+    with pytest.raises(CxrError, match="^chest.png: "):
+        read_radiograph(data, name="chest.png")
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=lambda s: s.name)
+def test_compressed_dicom_decodes_to_the_uncompressed_pixels(tmp_path: Path, syntax) -> None:
+    raw = (_gradient(64, 64).astype(np.uint16) * 16) + np.arange(64, dtype=np.uint16) % 16
+    plain = _write_dicom(tmp_path / "plain.dcm", raw)
+    dataset = pydicom.dcmread(plain)
+    dataset.compress(syntax)
+    compressed = tmp_path / "compressed.dcm"
+    dataset.save_as(compressed, enforce_file_format=True)
+    assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(read_image(compressed), read_image(plain))
+
+
+@pytest.mark.parametrize(
+    ("elements", "expected"),
+    [
+        ({"ViewPosition": "PA", "BodyPartExamined": "CHEST"}, ""),
+        ({"ViewPosition": "AP"}, ""),
+        ({}, ""),
+        ({"ViewPosition": "LL"}, "ViewPosition LL: not a frontal chest view"),
+        ({"ViewPosition": "LATERAL"}, "ViewPosition LATERAL: not a frontal chest view"),
+        ({"BodyPartExamined": "SKULL"}, "BodyPartExamined SKULL: not a chest radiograph"),
+    ],
+)
+def test_dicom_headers_that_are_not_frontal_chest_views_carry_a_warning(
+    tmp_path: Path, elements: dict, expected: str
+) -> None:
+    path = _write_dicom(tmp_path / "v.dcm", _ramp_12bit(), **elements)
+    decoded = read_radiograph(path)
+    assert (expected in decoded.warning) and (bool(decoded.warning) == bool(expected))
+    np.testing.assert_array_equal(decoded.pixels, read_image(path))
+
+
+def test_dicom_without_a_required_pixel_element_is_a_user_error(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "nobits.dcm", _ramp_12bit())
+    dataset = pydicom.dcmread(path)
+    del dataset.BitsStored
+    dataset.save_as(path)
+    _assert_one_line_error(path, "lacks BitsStored")
+
+
+def test_a_code_bug_while_decoding_dicom_is_not_reported_as_a_bad_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write_dicom(tmp_path / "ok.dcm", _ramp_12bit())
+
+    def bug(*_: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr("cxrfusion.data.imageio.apply_modality_lut", bug)
+    with pytest.raises(AttributeError):
+        read_image(path)

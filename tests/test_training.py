@@ -23,7 +23,7 @@ from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.calibration import apply_temperature, fit_temperature, nll
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
 from cxrfusion.evaluation.predictions import predict_logits
-from cxrfusion.inference import load_run
+from cxrfusion.inference.runs import load_run
 from cxrfusion.labels import LABELS
 from cxrfusion.models import create_model, save_backbone_weights
 from cxrfusion.training.config import TrainConfig

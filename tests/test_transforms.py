@@ -1,10 +1,21 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from cxrfusion.data.imageio import read_resized
 from cxrfusion.data.options import Augmentation
-from cxrfusion.data.transforms import augment, check_model_input, normalize, resize
+from cxrfusion.data.transforms import (
+    IMAGENET_MEAN,
+    augment,
+    check_model_input,
+    normalize,
+    preprocess,
+    resize,
+)
 from cxrfusion.errors import CxrError
+from cxrfusion.models import create_model
+from cxrfusion.training.module import CxrClassifier
 
 NONE = Augmentation(flip=0.0, rotate_deg=0.0, zoom=0.0, brightness=0.0)
 
@@ -74,3 +85,45 @@ def test_invalid_augmentation_settings_are_rejected():
         Augmentation(flip=1.5)
     with pytest.raises(ValueError, match="below 1"):
         Augmentation(zoom=1.0)
+
+
+def test_the_deterministic_resize_is_the_training_warp_with_augmentation_off():
+    images = np.random.default_rng(1).integers(0, 256, (5, 64, 64), dtype=np.uint8)
+    for size in (48, 64, 80):
+        torch.manual_seed(size)
+        np.testing.assert_array_equal(augment(images, size, NONE), resize(images, size))
+
+
+def test_preprocess_is_the_cache_resize_then_the_loader_resize(tmp_path):
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (90, 70), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(image).save(path)
+    cached = read_resized(path, 64)  # what `prepare` stores
+    np.testing.assert_array_equal(preprocess(image, 64, 48), resize(cached[None], 48)[0])
+
+
+def test_normalize_and_its_check_follow_the_models_statistics():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2)
+    x = normalize(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    np.testing.assert_allclose(x[0, :, 0, :].numpy(), [[-1.0, 1.0]] * 3)
+    check_model_input(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(CxrError, match="normalised range"):
+        check_model_input(x * 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_timm_models_take_their_pretrained_normalisation_and_training_uses_it():
+    vit = create_model("test_vit", weights="none")
+    assert (vit.mean, vit.std) == (
+        tuple(vit.features.pretrained_cfg["mean"]),
+        tuple(vit.features.pretrained_cfg["std"]),
+    )
+    assert create_model("simple_cnn").mean == IMAGENET_MEAN
+
+    module = CxrClassifier(model="test_vit")
+    module.model.mean, module.model.std = (0.2, 0.3, 0.4), (0.5, 0.6, 0.7)
+    images = torch.randint(0, 256, (1, 1, 160, 160), dtype=torch.uint8)  # its fixed size
+    module.eval()
+    with torch.no_grad():
+        expected = module.model(normalize(images, module.model.mean, module.model.std))
+        np.testing.assert_allclose(module(images).numpy(), expected.numpy(), atol=1e-5)

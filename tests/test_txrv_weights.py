@@ -20,7 +20,7 @@ import yaml
 
 from cxrfusion.data.transforms import normalize
 from cxrfusion.errors import CxrError
-from cxrfusion.inference import load_run
+from cxrfusion.inference.runs import load_run
 from cxrfusion.models import create_model
 from cxrfusion.models.txrv import WEIGHT_SETS
 from cxrfusion.training.config import TrainConfig
