@@ -411,7 +411,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from cxrfusion.inference.classifier import Classifier
     from cxrfusion.serving.app import ServeSettings, create_app
     from cxrfusion.serving.server import serve
 
@@ -423,6 +422,8 @@ def _serve(args: argparse.Namespace) -> None:
         token=args.token,
         heatmaps=not args.no_heatmaps,
     )
+    from cxrfusion.inference.classifier import Classifier
+
     classifier = Classifier.load(
         args.run, engine=args.engine, mc_samples=args.mc_samples, threshold=args.threshold
     )

@@ -40,7 +40,7 @@ async function loadHealth() {
   $("token-row").hidden = !health.auth;
   $("heatmap").disabled = !health.heatmaps;
   $("heatmap").checked = health.heatmaps;
-  $("limit").textContent = " · up to " + (health.max_upload_bytes / 1048576).toFixed(0) + " MB";
+  $("limit").textContent = " · up to\u00a0" + (health.max_upload_bytes / 1048576).toFixed(0) + "\u00a0MB";
 }
 
 async function loadCard() {
