@@ -35,7 +35,7 @@ from cxrfusion.evaluation.referral import referral_curve
 from cxrfusion.evaluation.report import Section, auc_table, calibration_table, write_report
 from cxrfusion.evaluation.uncertainty import summarise_samples
 from cxrfusion.explain import gradcam, save_gradcam_figure
-from cxrfusion.inference import load_run, resolve_checkpoint
+from cxrfusion.inference.runs import load_run, resolve_checkpoint
 from cxrfusion.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -189,10 +189,9 @@ def _figures(
     figures["grid"] = plots.plot_prediction_grid(
         images, truth, mean[picked], summary["std"][picked], out / "prediction_grid.png"
     )
-    device = next(model.parameters()).device
     for rank, position in enumerate(picked):
         image, _, _ = dataset[int(position)]
-        x = model_input(image.unsqueeze(0), device)
+        x = model_input(model, image.unsqueeze(0))
         best = np.argsort(-mean[position])[:3]
         heatmaps = {LABELS[c]: gradcam(model, x, int(c)) for c in best}
         probs = {LABELS[c]: float(mean[position, c]) for c in best}
