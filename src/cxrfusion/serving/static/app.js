@@ -53,24 +53,36 @@ async function loadCard() {
   renderCard(await response.json());
 }
 
-function format(value) {
-  if (value === null || value === undefined) return "n/a";
-  if (typeof value === "number") return Number.isInteger(value) ? value.toLocaleString() : value.toFixed(3);
-  if (Array.isArray(value)) return value.map(format).join(", ");
-  if (typeof value === "object") return Object.entries(value).map(([k, v]) => k + ": " + format(v)).join("; ");
-  return String(value);
+function ci(auc) {
+  const value = auc.auc === null || auc.auc === undefined ? "n/a" : auc.auc.toFixed(3);
+  if (auc.ci_low === null || auc.ci_low === undefined) return value;
+  return value + " (95 % CI " + auc.ci_low.toFixed(3) + "–" + auc.ci_high.toFixed(3) + ")";
+}
+
+function cardRows(card) {
+  const rows = [["Architecture", card.architecture + " · input " + card.input_size + " px"]];
+  const splits = (card.training_data || {}).splits || {};
+  const counts = Object.entries(splits).map(([name, s]) => name + " " + s.images.toLocaleString() + " images / " + s.patients.toLocaleString() + " patients");
+  if (counts.length) rows.push(["Training data", counts.join(" · ")]);
+  const evaluations = Object.entries(card.evaluations || {});
+  for (const [split, metrics] of evaluations) {
+    const parts = [];
+    if (metrics.auc && metrics.auc.macro) parts.push("macro ROC-AUC " + ci(metrics.auc.macro));
+    for (const [name, value] of Object.entries(metrics.calibration || {})) parts.push(name + " " + value.toFixed(3));
+    rows.push(["Evaluated on " + split, parts.join(" · ")]);
+  }
+  if (!evaluations.length) rows.push(["Validation", "not evaluated yet (cxrfusion evaluate)"]);
+  rows.push(["Review threshold", card.threshold.toFixed(3) + " (mean MC-dropout std; T = " + card.mc_samples + ")"]);
+  rows.push(["Temperature scaling", card.temperatures ? "fitted per pathology" : "none"]);
+  rows.push(["Intended use", card.intended_use], ["Limits", card.limits]);
+  return rows;
 }
 
 function renderCard(card) {
   $("card-json").textContent = JSON.stringify(card, null, 2);
-  const list = $("card");
-  list.replaceChildren();
-  for (const [key, value] of Object.entries(card)) {
-    if (key === "labels") continue;
-    list.append(el("dt", { textContent: key.replace(/_/g, " ") }), el("dd", { textContent: format(value) }));
-  }
-  const name = card.architecture || card.model;
-  if (name) $("model-name").textContent = "model: " + format(name);
+  const items = cardRows(card).flatMap(([term, text]) => [el("dt", { textContent: term }), el("dd", { textContent: text })]);
+  $("card").replaceChildren(...items);
+  $("model-name").textContent = "model: " + card.architecture;
 }
 
 async function predict(file) {
@@ -163,7 +175,7 @@ function showImage() {
   $("overlay-row").hidden = !overlay;
   $("view").src = "data:image/png;base64," + (showOverlay ? overlay : result.image);
   $("view-caption").textContent = showOverlay
-    ? "Grad-CAM: " + state.selected.replace(/_/g, " ")
+    ? "Grad-CAM heatmap: " + state.selected.replace(/_/g, " ")
     : "Model input (" + result.source + ")";
 }
 
