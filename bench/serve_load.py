@@ -145,7 +145,8 @@ def main() -> None:
     )
     print(
         f"{args.requests} requests at concurrency {args.concurrency} (server queue {args.queue}): "
-        f"{len(latencies) / wall:.1f} requests/s, latency p50 {ms[0]:.0f} ms, p95 {ms[1]:.0f} ms, "
+        f"{len(latencies) / wall:.1f} answered requests/s, latency p50 {ms[0]:.0f} ms, "
+        f"p95 {ms[1]:.0f} ms, "
         f"p99 {ms[2]:.0f} ms, errors {sum(failures.values())}"
         + (f" ({dict(failures)})" if failures else "")
     )

@@ -35,7 +35,7 @@ def browser():
             pytest.skip(f"{tool.name} not found (Debian packages chromium and chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium"))
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1300"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = webdriver.ChromeService(
