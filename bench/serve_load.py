@@ -140,7 +140,7 @@ def main() -> None:
             server.wait(timeout=30)
     ms = 1000 * np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
     print(
-        f"run {run}, engine {args.engine}, T={args.mc_samples}, heatmap {args.heatmap}, "
+        f"run {args.run or 'tiny test_efficientnet trained here (64 px, 2 epochs)'}, engine {args.engine}, T={args.mc_samples}, heatmap {args.heatmap}, "
         f"{len(images)} distinct images from {files[0].parent}"
     )
     print(

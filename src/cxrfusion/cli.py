@@ -475,7 +475,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="requests held at once, running or waiting; one more gets 503 (default 16)",
     )
-    p.add_argument("--no-heatmaps", action="store_true", help="refuse Grad-CAM requests")
+    p.add_argument(
+        "--no-heatmaps", action="store_true", help="refuse Grad-CAM requests (always with onnx)"
+    )
     p.set_defaults(func=_serve)
 
 
@@ -489,9 +491,9 @@ def _serve(args: argparse.Namespace) -> None:
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         queue_size=args.queue,
         token=args.token,
-        heatmaps=not args.no_heatmaps,
+        heatmaps=not args.no_heatmaps and args.engine == "torch",  # Grad-CAM needs torch
     )
-    from cxrfusion.inference.classifier import Classifier
+    from cxrfusion.inference.classifier import Classifier  # torch loads after the checks above
 
     classifier = Classifier.load(
         args.run, engine=args.engine, mc_samples=args.mc_samples, threshold=args.threshold

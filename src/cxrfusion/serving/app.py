@@ -65,11 +65,13 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
-            raise CxrError(f"max upload size must be positive, got {self.max_upload_bytes} bytes")
+            raise CxrError(
+                f"max upload size (--max-upload-mb) must be positive, got {self.max_upload_bytes} bytes"
+            )
         if self.queue_size < 1:
-            raise CxrError(f"queue size must be at least 1, got {self.queue_size}")
+            raise CxrError(f"queue size (--queue) must be at least 1, got {self.queue_size}")
         if self.token is not None and not self.token.strip():
-            raise CxrError("token must not be empty (leave it out to serve without one)")
+            raise CxrError("token (--token) must not be empty; leave it out to serve without one")
 
 
 def create_app(classifier: Classifier, settings: ServeSettings | None = None) -> FastAPI:
