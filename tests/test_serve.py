@@ -179,6 +179,7 @@ def test_page_and_its_files_come_from_the_server_itself(client):
         text = client.get(asset).text
         assert "http://" not in text and "https://" not in text  # no CDN, nothing from the web
     assert "https://" not in page.text and "http://" not in page.text
+    assert client.get("/docs").status_code == 404  # FastAPI's docs page would load a CDN
 
 
 def _streamed_upload(total: int):

@@ -1,6 +1,8 @@
 """The HTTP service: `create_app(classifier, settings)` gives a FastAPI app over one Classifier.
 
-Routes: `POST /predict` (multipart image in field `file`), `GET /model` (the model card),
+Routes: `POST /predict` (multipart image in field `file`; `heatmap=true` adds Grad-CAM overlays
+of the most probable pathologies as base64 PNGs, `image=true` the model's input image; the JSON is
+`Prediction.to_dict` plus `elapsed_ms`, queue wait included), `GET /model` (the model card),
 `GET /health`, and `GET /` (a web page for single studies, served from `static/`). Limits are
 declared once in `ServeSettings` and enforced at the edge: body size (413), file type (415),
 undecodable image (422), a bounded model queue (503 + Retry-After) and an optional bearer token
@@ -89,6 +91,10 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
         summary="Chest X-ray classifier with MC-dropout uncertainty (research use, not a medical "
         "device)",
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc load their scripts from a CDN: nothing here may come from the
+        # internet (and the CSP would block it). /openapi.json stays.
+        docs_url=None,
+        redoc_url=None,
     )
     authorized = _bearer_check(settings.token)
 
