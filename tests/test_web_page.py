@@ -6,6 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from cxrfusion.inference.classifier import Classifier
 from cxrfusion.labels import LABELS
@@ -16,10 +19,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT_S = 60
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def page_url(mc_dropout_run) -> str:
@@ -28,20 +27,22 @@ def page_url(mc_dropout_run) -> str:
         yield url
 
 
+def _find(tool: Path) -> str | None:
+    return str(tool) if tool.exists() else shutil.which(tool.name)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    for tool in (CHROMIUM, CHROMEDRIVER):
-        if not tool.exists() and shutil.which(tool.name) is None:
-            pytest.skip(f"{tool.name} not found (Debian packages chromium and chromium-driver)")
+    chromium, chromedriver = _find(CHROMIUM), _find(CHROMEDRIVER)
+    if chromium is None or chromedriver is None:
+        missing = CHROMIUM.name if chromium is None else CHROMEDRIVER.name
+        pytest.skip(f"{missing} not found (Debian packages chromium and chromium-driver)")
     options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium"))
+    options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1300"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(
-        executable_path=str(CHROMEDRIVER if CHROMEDRIVER.exists() else shutil.which("chromedriver"))
-    )
-    driver = webdriver.Chrome(options=options, service=service)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
     yield driver
     driver.quit()
 
