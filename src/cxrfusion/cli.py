@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ typical use:
   cxrfusion compare runs/simple_cnn runs/fusion             # the report's Table 2 + DeLong tests
   cxrfusion reproduce --data NIH_DIR --dry-run              # the report's whole protocol (GPU)
   cxrfusion predict --run runs/fusion scans/ --out preds    # probabilities, uncertainty, review flag
+  cxrfusion serve --run runs/fusion                         # HTTP API + web page on 127.0.0.1:8000
 Run `cxrfusion COMMAND --help` for the options of each command."""
 
 
@@ -654,6 +656,66 @@ def _predict(args: argparse.Namespace) -> None:
         raise CxrError(f"{len(result.failures)} of {total} input(s) could not be predicted")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP API and a web page for single studies",
+        description="Serve a trained run over HTTP (FastAPI + uvicorn): POST /predict (multipart "
+        "PNG/JPEG/DICOM in field `file`; `?heatmap=true` adds Grad-CAM overlays), GET /model (the "
+        "model card), GET /health, and a web page at /. Binds to loopback by default; with "
+        "--token, /predict and /model need `Authorization: Bearer T` (/ and /health stay open).",
+        epilog="example: cxrfusion serve --run runs/fusion --port 8000",
+    )
+    p.add_argument("--run", type=Path, required=True, help="run directory (or ONNX export)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("CXRFUSION_TOKEN"),
+        help="bearer token required on /predict and /model (default: $CXRFUSION_TOKEN, if set)",
+    )
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="default torch")
+    p.add_argument("--mc-samples", type=int, default=25, help="MC-dropout passes T (default 25)")
+    p.add_argument("--threshold", type=float, help="review-flag threshold (default: the run's own)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=20, help="largest accepted image (default 20)"
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=16,
+        help="requests held at once, running or waiting; one more gets 503 (default 16)",
+    )
+    p.add_argument(
+        "--no-heatmaps", action="store_true", help="refuse Grad-CAM requests (always with onnx)"
+    )
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from cxrfusion.serving.app import ServeSettings, create_app
+    from cxrfusion.serving.server import serve
+
+    if not 0 < args.port < 65536:
+        raise CxrError(f"--port must be between 1 and 65535, got {args.port}")
+    settings = ServeSettings(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        queue_size=args.queue,
+        token=args.token,
+        heatmaps=not args.no_heatmaps and args.engine == "torch",  # Grad-CAM needs torch
+    )
+    from cxrfusion.inference.classifier import Classifier  # torch loads after the checks above
+
+    classifier = Classifier.load(
+        args.run, engine=args.engine, mc_samples=args.mc_samples, threshold=args.threshold
+    )
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.run} at http://{shown}:{args.port}/ (Ctrl-C stops)")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
+        print("cxrfusion: warning: listening beyond this machine without --token", file=sys.stderr)
+    serve(create_app(classifier, settings), host=args.host, port=args.port)
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_synth,
     _add_download,
@@ -664,6 +726,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_compare,
     _add_reproduce,
     _add_predict,
+    _add_serve,
 )
 
 

@@ -1,0 +1,196 @@
+"""The HTTP service: `create_app(classifier, settings)` gives a FastAPI app over one Classifier.
+
+Routes: `POST /predict` (multipart image in field `file`; `heatmap=true` adds Grad-CAM overlays
+of the most probable pathologies as base64 PNGs, `image=true` the model's input image; the JSON is
+`Prediction.to_dict` plus `elapsed_ms`, queue wait included), `GET /model` (the model card),
+`GET /health`, and `GET /` (a web page for single studies, served from `static/`). Limits are
+declared once in `ServeSettings` and enforced at the edge: body size (413), file type (415),
+undecodable image (422), a bounded model queue (503 + Retry-After) and an optional bearer token
+(401, on /predict and /model; the page, its files and /health stay open so that a load balancer
+and a browser can reach them).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from cxrfusion.errors import CxrError
+from cxrfusion.serving.upload import Upload, read_upload
+from cxrfusion.serving.worker import Busy, ModelWorker
+
+if TYPE_CHECKING:
+    from cxrfusion.inference.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+# The page loads only its own files; images arrive as data: URLs, previews as blob: URLs.
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits of the service, checked at construction.
+
+    Args:
+        max_upload_bytes: largest accepted image file (default 20 MB: a large detector DICOM).
+        queue_size: requests held at once, running or waiting for the model (default 16); one
+            more gets 503 with Retry-After instead of an unbounded wait.
+        token: when set, /predict and /model require `Authorization: Bearer <token>`.
+        heatmaps: allow Grad-CAM heatmaps (`heatmap=true`); they cost a backward pass each.
+    """
+
+    max_upload_bytes: int = 20 * 2**20
+    queue_size: int = 16
+    token: str | None = None
+    heatmaps: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1:
+            raise CxrError(
+                f"max upload size (--max-upload-mb) must be positive, got {self.max_upload_bytes} bytes"
+            )
+        if self.queue_size < 1:
+            raise CxrError(f"queue size (--queue) must be at least 1, got {self.queue_size}")
+        if self.token is not None and not self.token.strip():
+            raise CxrError("token (--token) must not be empty; leave it out to serve without one")
+
+
+def create_app(classifier: Classifier, settings: ServeSettings | None = None) -> FastAPI:
+    """A FastAPI app serving `classifier` under `settings` (defaults: `ServeSettings()`)."""
+    settings = settings or ServeSettings()
+    worker = ModelWorker(settings.queue_size)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.close()
+
+    app = FastAPI(
+        title="cxrfusion",
+        summary="Chest X-ray classifier with MC-dropout uncertainty (research use, not a medical "
+        "device)",
+        lifespan=lifespan,
+        # FastAPI's /docs and /redoc load their scripts from a CDN: nothing here may come from the
+        # internet (and the CSP would block it). /openapi.json stays.
+        docs_url=None,
+        redoc_url=None,
+    )
+    authorized = _bearer_check(settings.token)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = _CSP
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness and load; open even with a token."""
+        return {
+            "status": "ok",
+            "queue": {"held": worker.held, "capacity": worker.capacity},
+            "auth": settings.token is not None,
+            "heatmaps": settings.heatmaps,
+            "max_upload_bytes": settings.max_upload_bytes,
+        }
+
+    @app.get("/model", dependencies=[Depends(authorized)])
+    async def model_card() -> dict:
+        return classifier.card()
+
+    @app.post("/predict", dependencies=[Depends(authorized)])
+    async def predict(request: Request) -> JSONResponse:
+        upload = await read_upload(request, settings.max_upload_bytes)
+        heatmap = _flag(request, upload, "heatmap")
+        if heatmap and not settings.heatmaps:
+            raise HTTPException(400, "heatmaps are disabled on this server")
+        image = _flag(request, upload, "image")
+        start = time.perf_counter()
+        try:
+            result = await worker.run(lambda: _predict(classifier, upload, heatmap, image))
+        except Busy as busy:
+            raise HTTPException(
+                503, str(busy), headers={"Retry-After": str(busy.retry_after)}
+            ) from None
+        except CxrError as error:
+            raise HTTPException(422, str(error)) from None
+        result["elapsed_ms"] = round(1000 * (time.perf_counter() - start), 1)
+        return JSONResponse(result)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _bearer_check(token: str | None) -> Any:
+    """A dependency refusing requests without `Authorization: Bearer <token>` (401)."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+
+    async def check(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(
+                401, "missing bearer token: send 'Authorization: Bearer <token>'", challenge
+            )
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "wrong bearer token", challenge)
+
+    return check
+
+
+def _flag(request: Request, upload: Upload, name: str) -> bool:
+    """A yes/no option from the query string or a form field (default no)."""
+    value = request.query_params.get(name, upload.fields.get(name, "")).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise HTTPException(400, f"{name} must be true or false, got {value[:20]!r}")
+
+
+def _predict(classifier: Classifier, upload: Upload, heatmap: bool, image: bool) -> dict:
+    """Runs on the model thread: decode, predict, and encode the JSON-ready result."""
+    prediction = classifier.predict((upload.name, upload.data), gradcam=heatmap)
+    result = prediction.to_dict(heatmap_png=heatmap)
+    if image:
+        result["image"] = _png_base64(prediction.image)
+    return result
+
+
+def _png_base64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
