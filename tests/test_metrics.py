@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxrfusion.evaluation.metrics import (
     auc_summary,
     bootstrap_auc_ci,
     macro_auc,
     per_class_auc,
+    per_class_average_precision,
     roc_curve_points,
 )
 from cxrfusion.labels import LABELS, NUM_LABELS
@@ -124,9 +125,11 @@ def test_summary_is_json_without_nan_and_counts_cases() -> None:
         "auc": None,
         "ci_low": None,
         "ci_high": None,
+        "n_valid": 0,
         "positives": 0,
         "negatives": 120,
     }
+    assert summary["macro"]["n_valid"] == 50  # every resample of 40 patients keeps both sides
     assert summary["n_images"] == 120 and summary["n_patients"] == len(np.unique(groups))
     assert list(summary["classes"]) == list(LABELS)
 
@@ -137,3 +140,29 @@ def test_roc_curve_points_are_none_for_an_undefined_class() -> None:
     curves = roc_curve_points(y, p)
     fpr, tpr = curves[0]
     assert fpr[0] == 0 and tpr[-1] == 1 and curves[1] is None
+
+
+def test_macro_ci_reports_how_many_resamples_were_valid() -> None:
+    y, p, groups = _patients(60, seed=9)
+    y = np.column_stack([y, np.zeros(len(y), dtype=y.dtype)])
+    p = np.column_stack([p, p[:, 0]])
+    y[0, -1] = 1  # one positive patient: its class is lost from ~37 % of resamples
+    labels = [f"c{c}" for c in range(y.shape[1])]
+    summary = auc_summary(y, p, groups, labels=labels, n_resamples=200, seed=0)
+    n_valid = summary["macro"]["n_valid"]
+    assert 0 < n_valid < 200 and n_valid == summary["classes"][labels[-1]]["n_valid"]
+
+
+def test_average_precision_equals_sklearn_and_is_nan_without_positives() -> None:
+    y, p = _scores(300, 3, seed=14)
+    y[:, 2] = 0
+    ap = per_class_average_precision(y, p)
+    for c in range(2):
+        assert ap[c] == pytest.approx(average_precision_score(y[:, c], p[:, c]))
+    assert np.isnan(ap[2])
+
+
+def test_average_precision_of_random_scores_is_near_the_prevalence() -> None:
+    rng = np.random.default_rng(15)
+    y = (rng.random((20_000, 1)) < 0.1).astype(np.uint8)
+    assert per_class_average_precision(y, rng.random(y.shape))[0] == pytest.approx(0.1, abs=0.02)
