@@ -18,7 +18,7 @@ typical use:
   cxrfusion prepare --data NIH_DIR --out runs/prepared      # split by patient + image cache
   cxrfusion train --prepared runs/prepared --model fusion --out runs/fusion
   cxrfusion evaluate --run runs/fusion                      # AUC with CIs, MC dropout, report.html
-  cxrfusion compare runs/simple_cnn runs/fusion             # the report's Table 2 + DeLong tests
+  cxrfusion compare runs/simple_cnn runs/fusion             # Table 2 + patient-clustered DeLong
 Run `cxrfusion COMMAND --help` for the options of each command."""
 
 
@@ -340,10 +340,11 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="the report's Table 2 for any set of runs, with DeLong tests",
+        help="the report's Table 2 for any set of runs, with patient-clustered DeLong tests",
         description="Per-class ROC-AUC of several evaluated runs side by side (the report's Table "
-        "2) with DeLong p-values of each model against a reference, Holm-corrected across the 14 "
-        "classes. Each run must have been evaluated on the same images (`cxrfusion evaluate`).",
+        "2) with p-values of each model against a reference: DeLong's paired test clustered by "
+        "patient (Obuchowski 1997), Holm-corrected across the 14 classes. Each run must have been "
+        "evaluated on the same images (`cxrfusion evaluate`).",
         epilog="example: cxrfusion compare runs/simple_cnn runs/fusion --out runs/comparison",
     )
     p.add_argument(
@@ -353,7 +354,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         help="run directories (their eval_<split> folder) or evaluation folders",
     )
     p.add_argument("--split", default="test", help="which eval_<split> folder to read")
-    p.add_argument("--reference", help="model name to test against (default: best macro AUC)")
+    p.add_argument(
+        "--reference",
+        help="the model the others are tested against: one of the runs given (its folder or "
+        "name); default the first run (never picked from the test results)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -372,6 +377,7 @@ def _compare(args: argparse.Namespace) -> None:
     result = compare_runs(folders, reference=args.reference)
     files = write_comparison(result, args.out)
     print(files[0].read_text())
+    print(f"reference: {result.reference}; p: patient-clustered DeLong, Holm-corrected")
     print("wrote " + ", ".join(str(f) for f in files))
 
 
