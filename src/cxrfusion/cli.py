@@ -262,8 +262,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="per-class AUC with CIs, MC dropout, calibration, Grad-CAM, report.html",
         description="Evaluate a trained run on one split: predictions.csv (mean and std per "
         "pathology, uncertainty, review flag), metrics.json (per-class and macro ROC-AUC with "
-        "patient-bootstrap 95 %% CIs, ECE, Brier, referral curve), figures and a self-contained "
-        "report.html.",
+        "patient-bootstrap 95 %% CIs, AUPRC, sensitivity and specificity at thresholds chosen on "
+        "validation, subgroup AUCs by sex, age band and view, ECE, Brier, referral curve), "
+        "figures and a self-contained report.html, written into a temporary folder renamed into "
+        "place when complete.",
         epilog="example: cxrfusion evaluate --run runs/fusion --temperature-scale",
     )
     where = p.add_mutually_exclusive_group(required=True)
@@ -292,7 +294,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--temperature-scale",
         action="store_true",
-        help="fit one temperature per class on the validation split",
+        help="fit one temperature per class on the validation split's MC-dropout logits, "
+        "apply it to every sample and save it as <run>/temperature.json",
     )
     p.add_argument(
         "--bootstrap",
@@ -330,10 +333,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     macro = metrics["auc"]["macro"]
     ci = "n/a" if macro["ci_low"] is None else f"{macro['ci_low']:.3f} - {macro['ci_high']:.3f}"
+    ci += f", {macro['n_valid']} of {metrics['auc']['n_resamples']} resamples valid"
     print(
         f"macro ROC-AUC {macro['auc']:.4f} (95 % CI {ci}), "
         f"{metrics['uncertainty']['flagged']} of {metrics['counts']['images']} images flagged"
     )
+    for note in metrics["notes"]:
+        print(f"note: {note}")
     print(f"report: {out / 'report.html'}")
 
 

@@ -156,11 +156,12 @@ def plot_reliability(bins_before: dict, path: Path, bins_after: dict | None = No
     """Reliability diagram (observed frequency vs confidence) over a histogram of bin counts.
 
     Args:
-        bins_before: `reliability_bins` output of the uncalibrated probabilities.
+        bins_before: `reliability_bins` output of the model's probabilities (before scaling).
         path: PNG file to write.
         bins_after: the same after temperature scaling, drawn alongside when given.
     """
-    series = [("before", bins_before, VERMILLION, "o")]
+    first = "model" if bins_after is None else "before temperature scaling"
+    series = [(first, bins_before, VERMILLION, "o")]
     if bins_after is not None:
         series.append(("after temperature scaling", bins_after, BLUE, "s"))
     figure = new_figure((6, 7))

@@ -21,7 +21,7 @@ def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def predict_samples(
+def predict_sample_logits(
     model: CxrModel,
     dataset: CachedXrayDataset,
     samples: int = 25,
@@ -29,33 +29,27 @@ def predict_samples(
     batch_size: int = 64,
     seed: int = 0,
 ) -> np.ndarray:
-    """Probabilities (T, N, 14) of T dropout samples for every image of `dataset`, in order.
+    """Logits (T, N, 14) of T dropout samples for every image of `dataset`, in order.
+
+    Logits, not probabilities: temperature scaling divides them, and the sigmoid of a float32
+    probability near 0 or 1 cannot be inverted exactly.
 
     Args:
         model: the trained network in eval mode, on its device.
         dataset: the split to predict (no augmentation).
-        samples: T stochastic passes; 1 with dropout off would be the deterministic prediction.
+        samples: T stochastic passes.
         mode: "head" (backbone once, head T times) or "full" (T whole passes).
+        batch_size: images per forward pass.
         seed: seeds the dropout masks of each batch, so a run repeats exactly.
     """
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = []
     for batch, (images, _, _) in enumerate(tqdm(loader, desc="MC dropout", unit="batch")):
-        probs = mc_dropout_samples(model, model_input(images, device), samples, mode, seed + batch)
-        out.append(probs.float().cpu().numpy())
+        x = model_input(images, device)
+        logits = mc_dropout_samples(model, x, samples, mode, seed + batch, logits=True)
+        out.append(logits.float().cpu().numpy())
     return np.concatenate(out, axis=1)
-
-
-@torch.inference_mode()
-def predict_logits(model: CxrModel, dataset: CachedXrayDataset, batch_size: int = 64) -> np.ndarray:
-    """Deterministic logits (N, 14) with dropout off (used to fit temperatures)."""
-    device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    model.eval()
-    return np.concatenate(
-        [model(model_input(x, device)).float().cpu().numpy() for x, _, _ in loader]
-    )
 
 
 def predictions_table(

@@ -73,6 +73,7 @@ def mc_dropout_samples(
     samples: int = 25,
     mode: str = "head",
     seed: int | None = None,
+    logits: bool = False,
 ) -> torch.Tensor:
     """T stochastic sigmoid probabilities per image with dropout active and BatchNorm frozen.
 
@@ -87,9 +88,10 @@ def mc_dropout_samples(
             their dropout there); "full" runs T whole forward passes (dropout anywhere).
         seed: seeds the dropout masks for this call only (the global RNG is left as it was);
             None draws from the global RNG.
+        logits: return the samples' logits instead (what temperature scaling divides).
 
     Returns:
-        Probabilities (T, B, classes), float, on x's device.
+        Probabilities (or logits) (T, B, classes), float, on x's device.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -104,11 +106,12 @@ def mc_dropout_samples(
     draws = samples if dropouts else 1
     with _seeded(seed, x.device), _sampling(model, dropouts):
         if mode == "head":
-            logits = model.head(model.features(x).repeat(draws, 1))  # row t*B + b is image b
-            probs = torch.sigmoid(logits.view(draws, len(x), -1))
+            out = model.head(model.features(x).repeat(draws, 1))  # row t*B + b is image b
+            out = out.view(draws, len(x), -1)
         else:
-            probs = torch.stack([torch.sigmoid(model(x)) for _ in range(draws)])
-    return probs.expand(samples, -1, -1).contiguous()
+            out = torch.stack([model(x) for _ in range(draws)])
+    out = out if logits else torch.sigmoid(out)
+    return out.expand(samples, -1, -1).contiguous()
 
 
 def _binary_entropy(p: np.ndarray) -> np.ndarray:
