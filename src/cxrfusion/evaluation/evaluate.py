@@ -118,7 +118,12 @@ def _staged(out: Path) -> Iterator[Path]:
         yield staging
         if out.exists():
             os.replace(out, retired)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if retired.exists():
+                os.replace(retired, out)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
