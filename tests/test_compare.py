@@ -10,7 +10,7 @@ import pytest
 
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.compare import compare_runs, p_column, write_comparison
-from cxrfusion.evaluation.delong import delong_test, holm
+from cxrfusion.evaluation.delong import clustered_delong_test, delong_test, holm
 from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
 from cxrfusion.labels import LABELS, NUM_LABELS
 
@@ -66,23 +66,35 @@ def test_table_holds_per_class_auc_of_each_model_on_aligned_images(runs: dict) -
     assert result.n_images == N_IMAGES
 
 
-def test_reference_defaults_to_the_best_macro_auc(runs: dict) -> None:
+def test_reference_defaults_to_the_first_run_never_the_best_on_the_test_set(runs: dict) -> None:
     result = compare_runs(runs["dirs"])
-    assert result.reference == "good"
-    assert p_column("noisy", "good") in result.table.columns
-    assert p_column("good", "good") not in result.table.columns
+    assert result.table.loc["Macro", "good"] > result.table.loc["Macro", "noisy"]
+    assert result.reference == "noisy"
+    assert p_column("good", "noisy") in result.table.columns
+    assert p_column("noisy", "noisy") not in result.table.columns
+
+
+def test_reference_can_be_given_as_a_run_folder(runs: dict) -> None:
+    good_run = runs["dirs"][1].parent
+    assert compare_runs(runs["dirs"], reference=good_run).reference == "good"
+    assert compare_runs(runs["dirs"], reference=runs["dirs"][1]).reference == "good"
 
 
 def test_good_model_differs_significantly_on_most_classes(runs: dict) -> None:
-    p = compare_runs(runs["dirs"]).table[p_column("noisy", "good")]
+    p = compare_runs(runs["dirs"], reference="good").table[p_column("noisy", "good")]
     tested = p.drop(["Hernia", "Macro"])
     assert (tested < 0.01).sum() >= 11
     assert np.isnan(p["Hernia"]) and np.isnan(p["Macro"])
 
 
-def test_p_values_are_holm_corrected_delong_p_values(runs: dict) -> None:
-    y = runs["y"]
-    raw = [delong_test(y[:, c], runs["noisy"][:, c], runs["good"][:, c])[2] for c in range(14)]
+def test_p_values_are_holm_corrected_patient_clustered_delong_p_values(runs: dict) -> None:
+    y, patients = runs["y"], np.arange(N_IMAGES) // 2
+    raw = [
+        clustered_delong_test(y[:, c], runs["noisy"][:, c], runs["good"][:, c], patients)["p_value"]
+        for c in range(14)
+    ]
+    plain = [delong_test(y[:, c], runs["noisy"][:, c], runs["good"][:, c])[2] for c in range(14)]
+    assert not np.allclose(raw, plain, rtol=0.01, atol=0, equal_nan=True), "patients ignored"
     result = compare_runs(runs["dirs"], names=["B", "A"], reference="A")
     p = result.table[p_column("B", "A")].iloc[:-1].to_numpy()
     np.testing.assert_allclose(p, holm(np.array(raw)), rtol=1e-12, equal_nan=True)
@@ -100,7 +112,7 @@ def test_different_image_sets_are_a_user_error_naming_the_folder(
 ) -> None:
     y, prob = runs["y"][:-1], runs["good"][:-1]
     short = _write_predictions(tmp_path / "short" / "eval_test", y, prob, np.arange(len(y)))
-    with pytest.raises(CxrError, match=r"short.*images differ"):
+    with pytest.raises(CxrError, match=r"short/eval_test/predictions\.csv: its 599 images differ"):
         compare_runs([runs["dirs"][1], short])
 
 
@@ -108,7 +120,7 @@ def test_different_true_labels_are_a_user_error(runs: dict, tmp_path: Path) -> N
     y = runs["y"].copy()
     y[0, 0] = 1 - y[0, 0]
     other = _write_predictions(tmp_path / "other", y, runs["good"], np.arange(N_IMAGES))
-    with pytest.raises(CxrError, match="true labels differ"):
+    with pytest.raises(CxrError, match="patients or true labels differ"):
         compare_runs([runs["dirs"][1], other])
 
 
@@ -118,8 +130,29 @@ def test_missing_predictions_are_a_user_error_naming_the_file(tmp_path: Path) ->
         compare_runs([tmp_path / "empty_run"])
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text.replace("Patient ID,", "Patient,", 1),
+        lambda text: text.replace("\n00000000_000.png,0,0.", "\n00000000_000.png,0,x", 1),
+        lambda text: "\n".join(text.splitlines()[:-5]),
+        lambda text: text.replace(",", ";"),
+        lambda text: "",
+    ],
+    ids=["missing column", "non-numeric value", "truncated", "wrong delimiter", "empty"],
+)
+def test_a_corrupt_predictions_file_is_a_one_line_user_error_naming_it(
+    runs: dict, damage, tmp_path: Path
+) -> None:
+    path = runs["dirs"][0] / "predictions.csv"
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(CxrError, match=r"noisy/eval_test/predictions\.csv") as error:
+        compare_runs(runs["dirs"])
+    assert "\n" not in str(error.value)
+
+
 def test_an_unknown_reference_is_a_user_error(runs: dict) -> None:
-    with pytest.raises(CxrError, match="reference 'best'"):
+    with pytest.raises(CxrError, match="--reference best: neither a model name"):
         compare_runs(runs["dirs"], reference="best")
 
 
@@ -129,7 +162,7 @@ def test_duplicate_names_are_a_user_error(runs: dict) -> None:
 
 
 def test_write_comparison_writes_csv_markdown_and_html(runs: dict, tmp_path: Path) -> None:
-    result = compare_runs(runs["dirs"])
+    result = compare_runs(runs["dirs"], reference="good")
     md, csv, html = write_comparison(result, tmp_path / "out")
     assert [md.name, csv.name, html.name] == ["comparison.md", "comparison.csv", "comparison.html"]
     table = pd.read_csv(csv, index_col="label")

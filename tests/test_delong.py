@@ -7,8 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from cxrfusion.evaluation.delong import delong_covariance, delong_test, holm
-from cxrfusion.evaluation.metrics import per_class_auc
+from cxrfusion.evaluation.delong import (
+    clustered_delong_test,
+    delong_covariance,
+    delong_test,
+    holm,
+)
+from cxrfusion.evaluation.metrics import paired_bootstrap_auc_difference, per_class_auc
 
 
 def _delong_by_definition(y: list[int], a: list[float], b: list[float]) -> tuple[float, ...]:
@@ -116,3 +121,64 @@ def test_holm_matches_a_hand_example() -> None:
 
 def test_holm_caps_at_one() -> None:
     np.testing.assert_allclose(holm(np.array([0.6, 0.5])), [1.0, 1.0])
+
+
+def _clustered(
+    n_patients: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Phantom-like test data: 1-6 images per patient sharing the patient's findings and look.
+
+    A patient's images repeat their label with probability 0.85 (follow-ups), and both models'
+    scores share a patient effect, so images of a patient are strongly correlated.
+    """
+    sizes = rng.integers(1, 7, n_patients)
+    groups = np.repeat(np.arange(n_patients), sizes)
+    sick = rng.random(n_patients) < 0.3
+    y = np.where(rng.random(len(groups)) < 0.85, sick[groups], ~sick[groups]).astype(int)
+    patient_effect = rng.normal(0, 1.0, n_patients)[groups]
+    latent = patient_effect + 1.2 * y
+    a = latent + 0.4 * rng.normal(size=len(y)) + 0.5 * rng.normal(0, 1, n_patients)[groups]
+    b = latent + 0.9 * rng.normal(size=len(y)) - 0.5 * rng.normal(0, 1, n_patients)[groups]
+    return y, a, b, groups
+
+
+def _naive_se(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    _, cov = delong_covariance(y, a, b)
+    return math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+
+
+def test_clustered_delong_equals_delong_with_one_image_per_patient() -> None:
+    y, a, b = _correlated(300, np.random.default_rng(4))
+    clustered = clustered_delong_test(y, a, b, np.arange(300))
+    auc_a, auc_b, p_value = delong_test(y, a, b)
+    assert (clustered["auc_a"], clustered["auc_b"]) == (auc_a, auc_b)
+    assert clustered["p_value"] == pytest.approx(p_value, rel=1e-10)
+    assert clustered["se"] == pytest.approx(_naive_se(y, a, b), rel=1e-10)
+
+
+def test_clustered_delong_agrees_with_a_paired_patient_bootstrap() -> None:
+    y, a, b, groups = _clustered(400, np.random.default_rng(5))
+    boot = paired_bootstrap_auc_difference(y, a, b, groups, n_resamples=2000, seed=0)
+    clustered = clustered_delong_test(y, a, b, groups)
+    assert boot["n_valid"] == 2000
+    assert boot["difference"] == pytest.approx(clustered["difference"], rel=1e-12)
+    assert clustered["se"] == pytest.approx(boot["se"], rel=0.15)
+    assert abs(clustered["p_value"] - boot["p_value"]) < 0.1
+    # Ignoring the patients understates the uncertainty on such data.
+    assert _naive_se(y, a, b) < 0.85 * clustered["se"]
+
+
+def test_clustered_delong_keeps_its_size_where_plain_delong_does_not() -> None:
+    rng = np.random.default_rng(6)
+    clustered, plain = [], []
+    for _ in range(400):
+        y, a, _, groups = _clustered(80, rng)
+        # Equally good models, each with its own per-patient error: the null hypothesis holds,
+        # and the images of a patient move the AUC difference together.
+        n_patients = groups.max() + 1
+        b = a + 0.6 * rng.normal(size=n_patients)[groups]
+        a = a + 0.6 * rng.normal(size=n_patients)[groups]
+        clustered.append(clustered_delong_test(y, a, b, groups)["p_value"])
+        plain.append(delong_test(y, a, b)[2])
+    assert 0.02 <= np.mean(np.array(clustered) < 0.05) <= 0.08
+    assert np.mean(np.array(plain) < 0.05) > 0.12  # measured 0.195: images taken as independent

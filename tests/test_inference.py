@@ -19,6 +19,7 @@ from scipy.special import expit, logit
 from cxrfusion import Classifier
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
+from cxrfusion.evaluation.temperature import write_temperature
 from cxrfusion.inference.classifier import Predictions
 from cxrfusion.labels import LABELS
 
@@ -120,7 +121,7 @@ def test_saved_temperatures_divide_the_logits(real_run, nih_sample, tmp_path):
     image = split_images(run, nih_sample)[0]
     plain = Classifier.load(run, device="cpu").predict(image).probability
     temperatures = dict(zip(LABELS, np.linspace(0.5, 3.0, len(LABELS)).tolist(), strict=True))
-    (run / "temperature.json").write_text(json.dumps(temperatures))
+    write_temperature(run, np.array(list(temperatures.values())), fitted_on={"split": "val"})
 
     clf = Classifier.load(run, device="cpu")
     scaled = clf.predict(image).probability
@@ -132,7 +133,7 @@ def test_saved_temperatures_divide_the_logits(real_run, nih_sample, tmp_path):
 
 def test_a_temperature_file_without_every_label_is_a_user_error(real_run, tmp_path):
     run = shutil.copytree(real_run, tmp_path / "run")
-    (run / "temperature.json").write_text(json.dumps({"Atelectasis": 1.5}))
+    (run / "temperature.json").write_text(json.dumps({"temperature": {"Atelectasis": 1.5}}))
     with pytest.raises(CxrError, match="temperature.json"):
         Classifier.load(run, device="cpu")
 

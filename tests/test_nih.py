@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrfusion.data.nih import find_images, find_table, read_official_lists, read_table
+from cxrfusion.data.nih import (
+    DEMOGRAPHIC_COLUMNS,
+    find_images,
+    find_table,
+    read_official_lists,
+    read_table,
+)
 from cxrfusion.errors import CxrError
 from cxrfusion.labels import LABELS
 
@@ -52,7 +58,7 @@ def label_row(table, image: str) -> dict[str, int]:
 )
 def test_read_table_accepts_both_published_forms(tmp_path, form, name):
     table = read_table(write_table(tmp_path / name, ROWS, form))
-    assert list(table.columns) == ["Image Index", "Patient ID", *LABELS]
+    assert list(table.columns) == ["Image Index", "Patient ID", *LABELS, *DEMOGRAPHIC_COLUMNS]
     assert table["Image Index"].tolist() == [row[0] for row in ROWS]
     assert table["Patient ID"].tolist() == [1, 1, 2, 3]
     assert table["Patient ID"].dtype == np.int64

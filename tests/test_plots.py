@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 from PIL import Image
 
 from cxrfusion.evaluation import plots
@@ -34,8 +38,8 @@ def _figure_texts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     texts: list[str] = []
     real_save = plots.save_figure
 
-    def capture(figure: plt.Figure, path: Path) -> Path:
-        texts.extend(t.get_text() for t in figure.findobj(plt.Text))
+    def capture(figure: Figure, path: Path) -> Path:
+        texts.extend(t.get_text() for t in figure.findobj(Text))
         return real_save(figure, path)
 
     monkeypatch.setattr(plots, "save_figure", capture)
@@ -108,7 +112,7 @@ def test_reliability_shows_ece_before_and_after(
     after = reliability_bins(y, p)
     path = plots.plot_reliability(before, tmp_path / "rel.png", bins_after=after)
     _assert_png(path)
-    assert any(t.startswith("before (ECE = ") for t in texts)
+    assert any(t.startswith("before temperature scaling (ECE = ") for t in texts)
     assert any(t.startswith("after temperature scaling (ECE = ") for t in texts)
 
 
@@ -118,7 +122,8 @@ def test_reliability_without_after_draws_one_series(
     texts = _figure_texts(monkeypatch)
     y, p = _predictions(300, seed=5)
     _assert_png(plots.plot_reliability(reliability_bins(y, p), tmp_path / "rel.png"))
-    assert not any(t.startswith("after") for t in texts)
+    assert any(t.startswith("model (ECE = ") for t in texts)
+    assert not any(t.startswith(("after", "before")) for t in texts)
 
 
 def test_referral_curve_plot_annotates_the_last_point(
@@ -129,3 +134,42 @@ def test_referral_curve_plot_annotates_the_last_point(
     curve = referral_curve(y, p, np.random.default_rng(7).random(200))
     _assert_png(plots.plot_referral_curve(curve, tmp_path / "referral.png"))
     assert f"{curve['macro_auc'][-1]:.3f} on 100 images" in texts
+
+
+NO_GLOBAL_STATE = """
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+
+backend = dict.__getitem__(matplotlib.rcParams, "backend")
+import cxrfusion.data.figures, cxrfusion.evaluation.evaluate, cxrfusion.training.callbacks
+from cxrfusion.evaluation import plots
+from cxrfusion.evaluation.calibration import reliability_bins
+from cxrfusion.training.curves import plot_loss_curves
+
+out = Path(sys.argv[1])
+y = np.array([[0], [1], [1], [0]])
+plots.plot_reliability(reliability_bins(y, np.array([[0.1], [0.9], [0.6], [0.3]])), out / "r.png")
+plot_loss_curves(pd.DataFrame({"epoch": [0, 1], "train_loss": [1.0, 0.5]}), out / "l.png")
+assert dict.__getitem__(matplotlib.rcParams, "backend") == backend, "backend changed"
+# torchmetrics imports pyplot; cxrfusion must not have registered a figure with it.
+pyplot = sys.modules.get("matplotlib.pyplot")
+assert pyplot is None or pyplot.get_fignums() == [], "figures left open in pyplot"
+"""
+
+
+def test_importing_and_plotting_changes_no_matplotlib_global_state(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # start from the default
+    done = subprocess.run(
+        [sys.executable, "-c", NO_GLOBAL_STATE, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "r.png").is_file() and (tmp_path / "l.png").is_file()

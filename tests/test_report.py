@@ -8,24 +8,21 @@ import re
 import subprocess
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.patches import Rectangle
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from cxrfusion.data.figures import save_figure  # noqa: E402
-from cxrfusion.evaluation.metrics import auc_summary  # noqa: E402
-from cxrfusion.evaluation.report import (  # noqa: E402
+from cxrfusion.evaluation.metrics import auc_summary
+from cxrfusion.evaluation.report import (
     Section,
     auc_table,
     calibration_table,
     write_report,
 )
-from cxrfusion.labels import LABELS, NUM_LABELS  # noqa: E402
+from cxrfusion.labels import LABELS, NUM_LABELS
+from cxrfusion.plotting import new_figure, save_figure
 
 CHROMIUM = Path("/usr/bin/chromium")
 # A colour no default matplotlib artist uses: finding it in a screenshot proves a figure was drawn.
@@ -33,9 +30,10 @@ MARKER_RGB = (255, 0, 255)
 
 
 def _figure(path: Path, title: str) -> Path:
-    figure, ax = plt.subplots(figsize=(4, 3))
+    figure = new_figure((4, 3))
+    ax = figure.subplots()
     ax.plot([0, 1, 2], [1, 0, 2], color="#0072B2")
-    ax.add_patch(plt.Rectangle((0.2, 0.2), 1.2, 1.2, color=np.array(MARKER_RGB) / 255))
+    ax.add_patch(Rectangle((0.2, 0.2), 1.2, 1.2, color=np.array(MARKER_RGB) / 255))
     ax.set_title(title)
     return save_figure(figure, path)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrfusion.data.nih import find_table, read_official_lists, read_table
+from cxrfusion.data.nih import DEMOGRAPHIC_COLUMNS, find_table, read_official_lists, read_table
 from cxrfusion.data.split import (
     SPLITS,
     make_split,
@@ -87,6 +87,21 @@ def test_same_seed_gives_a_byte_identical_split_file(tmp_path):
 def test_read_split_round_trips_write_split(tmp_path):
     split = make_split(tiny_table())
     pd.testing.assert_frame_equal(read_split(write_split(split, tmp_path)), split)
+
+
+def test_split_keeps_sex_age_and_view_of_each_image_through_prepare(phantoms, prepared):
+    table = read_table(find_table(phantoms)).set_index("Image Index")
+    split = read_split(prepared / "split.csv").set_index("Image Index")
+    demographics = list(DEMOGRAPHIC_COLUMNS)
+    assert list(split.columns[-3:]) == demographics
+    pd.testing.assert_frame_equal(split[demographics], table.loc[split.index, demographics])
+    assert set(split["View Position"]) == {"PA", "AP"}
+
+
+def test_an_older_split_without_demographics_still_reads(tmp_path):
+    split = make_split(tiny_table())
+    assert read_split(write_split(split, tmp_path)).columns.tolist() == split.columns.tolist()
+    assert not set(DEMOGRAPHIC_COLUMNS) & set(split.columns)
 
 
 def test_read_split_rejects_an_unknown_split_name(tmp_path):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,9 +21,14 @@ from cxrfusion.data.cache import open_cache
 from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.split import read_split, write_split
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.calibration import apply_temperature, fit_temperature, nll
+from cxrfusion.evaluation.calibration import nll
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
-from cxrfusion.evaluation.predictions import predict_logits
+from cxrfusion.evaluation.predictions import predict_sample_logits
+from cxrfusion.evaluation.temperature import (
+    TEMPERATURE_BOUNDS,
+    apply_temperature,
+    fit_temperature,
+)
 from cxrfusion.inference.runs import load_run
 from cxrfusion.labels import LABELS
 from cxrfusion.models import create_model, save_backbone_weights
@@ -277,18 +283,29 @@ def test_evaluate_a_trained_run_end_to_end(simple_cnn_run):
     assert list(out.glob("gradcam_*.png"))
 
 
-def test_temperature_scaling_does_not_worsen_validation_nll_of_a_trained_model(simple_cnn_run):
-    model, config = load_run(simple_cnn_run)
-    val = split_datasets(
+def test_temperature_scaling_of_the_trained_mc_predictor_lowers_held_out_nll(mc_dropout_run):
+    """Temperatures fitted on validation's MC-dropout logits must lower the *test* NLL: for the
+    model as trained (focal loss leaves it under-confident, T < 1; measured 0.118 -> 0.074
+    nats) and for a deliberately over-confident version, 3x its calibrated logits, whose fitted
+    T must come out near 3 (measured 0.137 -> 0.074 nats)."""
+    model, config = load_run(mc_dropout_run)
+    data = split_datasets(
         Path(config.prepared), config.cache_size, config.input_size,
-        split_file=simple_cnn_run / "split.csv",
-    )["val"]  # fmt: skip
-    logits, targets = predict_logits(model.model, val), val.targets.numpy()
-    temperature = fit_temperature(logits, targets)
-    before = nll(targets, apply_temperature(logits, 1.0))
-    after = nll(targets, apply_temperature(logits, temperature))
-    assert after <= before + 1e-12
-    assert (temperature != 1.0).any()  # a fit happened: the model is not already calibrated
+        split_file=mc_dropout_run / "split.csv",
+    )  # fmt: skip
+    logits = {name: predict_sample_logits(model.model, data[name], 5) for name in ("val", "test")}
+    val_y, test_y = data["val"].targets.numpy(), data["test"].targets.numpy()
+
+    def test_nll(test_logits: np.ndarray, temperature: np.ndarray | float) -> float:
+        return nll(test_y, apply_temperature(test_logits, temperature).mean(axis=0))
+
+    own = fit_temperature(logits["val"], val_y)
+    assert test_nll(logits["test"], own) < 0.8 * test_nll(logits["test"], 1.0)
+    over = {name: 3 * z / own for name, z in logits.items()}
+    temperature = fit_temperature(over["val"], val_y)
+    inside = (own > TEMPERATURE_BOUNDS[0] * 1.01) & (own < TEMPERATURE_BOUNDS[1] / 1.01)
+    np.testing.assert_allclose(temperature[inside], 3.0, rtol=0.05)
+    assert test_nll(over["test"], temperature) < 0.7 * test_nll(over["test"], 1.0)
 
 
 def test_referring_the_most_uncertain_images_raises_the_retained_auc(mc_dropout_run):

@@ -22,7 +22,7 @@ typical use:
   cxrfusion prepare --data NIH_DIR --out runs/prepared      # split by patient + image cache
   cxrfusion train --prepared runs/prepared --model fusion --out runs/fusion
   cxrfusion evaluate --run runs/fusion                      # AUC with CIs, MC dropout, report.html
-  cxrfusion compare runs/simple_cnn runs/fusion             # the report's Table 2 + DeLong tests
+  cxrfusion compare runs/simple_cnn runs/fusion             # Table 2 + patient-clustered DeLong
   cxrfusion reproduce --data NIH_DIR --dry-run              # the report's whole protocol (GPU)
   cxrfusion predict --run runs/fusion scans/ --out preds    # probabilities, uncertainty, review flag
   cxrfusion serve --run runs/fusion                         # HTTP API + web page on 127.0.0.1:8000
@@ -332,8 +332,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="per-class AUC with CIs, MC dropout, calibration, Grad-CAM, report.html",
         description="Evaluate a trained run on one split: predictions.csv (mean and std per "
         "pathology, uncertainty, review flag), metrics.json (per-class and macro ROC-AUC with "
-        "patient-bootstrap 95 %% CIs, ECE, Brier, referral curve), figures and a self-contained "
-        "report.html.",
+        "patient-bootstrap 95 %% CIs, AUPRC, sensitivity and specificity at thresholds chosen on "
+        "validation, subgroup AUCs by sex, age band and view, ECE, Brier, referral curve), "
+        "figures and a self-contained report.html, written into a temporary folder renamed into "
+        "place when complete.",
         epilog="example: cxrfusion evaluate --run runs/fusion --temperature-scale",
     )
     where = p.add_mutually_exclusive_group(required=True)
@@ -362,7 +364,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--temperature-scale",
         action="store_true",
-        help="fit one temperature per class on the validation split",
+        help="fit one temperature per class on the validation split's MC-dropout logits, "
+        "apply it to every sample and save it as <run>/temperature.json",
     )
     p.add_argument(
         "--bootstrap",
@@ -403,20 +406,24 @@ def _evaluate(args: argparse.Namespace) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     macro = metrics["auc"]["macro"]
     ci = "n/a" if macro["ci_low"] is None else f"{macro['ci_low']:.3f} - {macro['ci_high']:.3f}"
+    ci += f", {macro['n_valid']} of {metrics['auc']['n_resamples']} resamples valid"
     print(
         f"macro ROC-AUC {macro['auc']:.4f} (95 % CI {ci}), "
         f"{metrics['uncertainty']['flagged']} of {metrics['counts']['images']} images flagged"
     )
+    for note in metrics["notes"]:
+        print(f"note: {note}")
     print(f"report: {out / 'report.html'}")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="the report's Table 2 for any set of runs, with DeLong tests",
+        help="the report's Table 2 for any set of runs, with patient-clustered DeLong tests",
         description="Per-class ROC-AUC of several evaluated runs side by side (the report's Table "
-        "2) with DeLong p-values of each model against a reference, Holm-corrected across the 14 "
-        "classes. Each run must have been evaluated on the same images (`cxrfusion evaluate`).",
+        "2) with p-values of each model against a reference: DeLong's paired test clustered by "
+        "patient (Obuchowski 1997), Holm-corrected across the 14 classes. Each run must have been "
+        "evaluated on the same images (`cxrfusion evaluate`).",
         epilog="example: cxrfusion compare runs/simple_cnn runs/fusion --out runs/comparison",
     )
     p.add_argument(
@@ -431,7 +438,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         default="test",
         help="which eval_<split> folder to read (default test)",
     )
-    p.add_argument("--reference", help="model name to test against (default: best macro AUC)")
+    p.add_argument(
+        "--reference",
+        help="the model the others are tested against: one of the runs given (its folder or "
+        "name); default the first run (never picked from the test results)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -455,6 +466,7 @@ def _compare(args: argparse.Namespace) -> None:
     result = compare_runs(folders, reference=args.reference)
     files = write_comparison(result, args.out)
     print(files[0].read_text())
+    print(f"reference: {result.reference}; p: patient-clustered DeLong, Holm-corrected")
     print("wrote " + ", ".join(str(f) for f in files))
 
 

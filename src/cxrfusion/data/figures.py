@@ -4,23 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from cxrfusion.labels import LABELS
+from cxrfusion.plotting import new_figure, save_figure
 
-from cxrfusion.atomic import atomic_path  # noqa: E402
-from cxrfusion.labels import LABELS  # noqa: E402
-
-
-def save_figure(figure: plt.Figure, path: Path) -> Path:
-    """Save atomically and close (figures are written at the end of long runs)."""
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))
-    plt.close(figure)
-    return path
+SPLIT_COLOURS = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868"}
 
 
 def plot_label_distribution(split: pd.DataFrame, path: Path) -> Path:
@@ -31,8 +21,13 @@ def plot_label_distribution(split: pd.DataFrame, path: Path) -> Path:
     )
     counts = counts[[s for s in ("train", "val", "test") if s in counts.columns]]
     counts = counts.loc[counts.sum(axis=1).sort_values().index]
-    figure, ax = plt.subplots(figsize=(8, 6))
-    counts.plot.barh(stacked=True, ax=ax, color=["#4c72b0", "#dd8452", "#55a868"])
+    figure = new_figure((8, 6))
+    ax = figure.subplots()
+    left = np.zeros(len(counts))
+    for name in counts.columns:
+        ax.barh(counts.index, counts[name], left=left, color=SPLIT_COLOURS[name], label=name)
+        left += counts[name].to_numpy()
+    ax.legend()
     ax.set_xlabel("images")
     ax.set_title(
         f"Label distribution ({len(split):,} images, {split['Patient ID'].nunique():,} patients)"
@@ -45,7 +40,8 @@ def plot_label_distribution(split: pd.DataFrame, path: Path) -> Path:
 def plot_sample_grid(images: np.ndarray, labels: list[str], path: Path, columns: int = 4) -> Path:
     """A grid of radiographs titled with their labels."""
     rows = int(np.ceil(len(images) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows))
+    figure = new_figure((3 * columns, 3.3 * rows))
+    axes = figure.subplots(rows, columns)
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, image, text in zip(np.ravel(axes), images, labels, strict=False):

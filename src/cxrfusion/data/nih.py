@@ -23,6 +23,8 @@ IMAGE_COLUMN = "Image Index"
 PATIENT_COLUMN = "Patient ID"
 FINDINGS_COLUMN = "Finding Labels"
 REQUIRED_COLUMNS = (IMAGE_COLUMN, FINDINGS_COLUMN, PATIENT_COLUMN)
+# Kept as text when the table has them, for subgroup results (sex, age band, view position).
+DEMOGRAPHIC_COLUMNS = ("Patient Age", "Patient Gender", "View Position")
 
 
 def _find_file(data_dir: Path, names: Iterable[str]) -> Path | None:
@@ -53,14 +55,16 @@ def read_table(csv_path: Path) -> pd.DataFrame:
     """Read an NIH label table into image names, patients and a 14-column multi-hot.
 
     Both published forms are accepted: the 2017 file (trailing empty column) and the 2020
-    revision; plain or gzipped. Only `Image Index`, `Finding Labels` and `Patient ID` are used.
+    revision; plain or gzipped. `Image Index`, `Finding Labels` and `Patient ID` are required;
+    `DEMOGRAPHIC_COLUMNS` are carried along as text when present.
 
     Args:
         csv_path: the `Data_Entry_2017*.csv[.gz]` file.
 
     Returns:
-        Columns `Image Index` (str), `Patient ID` (int64), then the labels in `LABELS` order
-        (uint8 0/1); rows in file order, index 0..n-1.
+        Columns `Image Index` (str), `Patient ID` (int64), the labels in `LABELS` order
+        (uint8 0/1), then those of `DEMOGRAPHIC_COLUMNS` the file has (str, as written);
+        rows in file order, index 0..n-1.
 
     Raises:
         CxrError: unreadable or empty file, a missing column, an unknown label, a duplicate
@@ -73,16 +77,17 @@ def read_table(csv_path: Path) -> pd.DataFrame:
     if duplicated.any():
         raise CxrError(f"{csv_path}: duplicate Image Index {images[duplicated].iloc[0]!r}")
     table = pd.DataFrame({IMAGE_COLUMN: images, PATIENT_COLUMN: _patient_ids(raw, csv_path)})
-    labels = _encode_findings(raw, csv_path)
-    return pd.concat([table, pd.DataFrame(labels, columns=list(LABELS))], axis=1)
+    labels = pd.DataFrame(_encode_findings(raw, csv_path), columns=list(LABELS))
+    demographics = raw[[name for name in DEMOGRAPHIC_COLUMNS if name in raw.columns]]
+    return pd.concat([table, labels, demographics], axis=1)
 
 
 def _read_required_columns(csv_path: Path) -> pd.DataFrame:
-    """The required columns as strings; CxrError for a missing, empty or malformed file."""
+    """The required (and demographic) columns as strings; CxrError for a bad file."""
     try:
         raw = pd.read_csv(
             csv_path,
-            usecols=lambda name: name in REQUIRED_COLUMNS,
+            usecols=lambda name: name in REQUIRED_COLUMNS + DEMOGRAPHIC_COLUMNS,
             dtype=str,
             keep_default_na=False,
         )

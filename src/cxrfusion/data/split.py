@@ -17,7 +17,7 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
 from cxrfusion.atomic import write_atomic
-from cxrfusion.data.nih import IMAGE_COLUMN, PATIENT_COLUMN
+from cxrfusion.data.nih import DEMOGRAPHIC_COLUMNS, IMAGE_COLUMN, PATIENT_COLUMN
 from cxrfusion.errors import CxrError
 from cxrfusion.labels import LABELS
 
@@ -157,7 +157,8 @@ def make_split(
     """Split the NIH table by patient into train/val/test; same inputs, same split.
 
     Args:
-        table: `read_table`'s frame (`Image Index`, `Patient ID`, the 14 labels).
+        table: `read_table`'s frame (`Image Index`, `Patient ID`, the 14 labels, and any of
+            `DEMOGRAPHIC_COLUMNS`, which are carried into the split unchanged).
         method: "iterative" (the report's: a random patient subset, then iterative multi-label
             stratification of patients) or "official" (NIH's test_list.txt is the test split,
             exactly; val is carved by patient from train_val_list.txt, stratified).
@@ -171,8 +172,8 @@ def make_split(
             "official". Images in neither list are left out with a warning.
 
     Returns:
-        Columns `Image Index`, `Patient ID`, `split`, then the 14 labels; the kept rows in
-        table order. Shares are met per patient, so image shares are close, not exact.
+        Columns `Image Index`, `Patient ID`, `split`, the 14 labels, then the table's
+        demographic columns; the kept rows in table order. Shares are met per patient, so image shares are close, not exact.
 
     Raises:
         CxrError: for a bad method or fraction, too few patients, or inconsistent lists.
@@ -189,7 +190,8 @@ def make_split(
     kept = names.notna()
     split = table.loc[kept, [IMAGE_COLUMN, PATIENT_COLUMN]].copy()
     split[SPLIT_COLUMN] = names[kept].astype(str)
-    split = pd.concat([split, table.loc[kept, list(LABELS)]], axis=1).reset_index(drop=True)
+    carried = [*LABELS, *(name for name in DEMOGRAPHIC_COLUMNS if name in table.columns)]
+    split = pd.concat([split, table.loc[kept, carried]], axis=1).reset_index(drop=True)
     counts = split[SPLIT_COLUMN].value_counts()
     logger.info("%s split: %s images", method, ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS))
     return split
@@ -209,11 +211,15 @@ def write_split(split: pd.DataFrame, out: Path) -> Path:
 def read_split(path: Path) -> pd.DataFrame:
     """Load a saved `split.csv` back into `make_split`'s frame.
 
+    The demographic columns are optional (a split.csv written before they were kept has none);
+    they are read as text, an empty cell as missing.
+
     Raises:
         CxrError: when the file is missing, lacks a column or names an unknown split.
     """
     columns = [IMAGE_COLUMN, PATIENT_COLUMN, SPLIT_COLUMN, *LABELS]
     dtypes = {IMAGE_COLUMN: str, PATIENT_COLUMN: np.int64, SPLIT_COLUMN: str}
+    dtypes |= dict.fromkeys(DEMOGRAPHIC_COLUMNS, str)
     try:
         split = pd.read_csv(path, dtype=dtypes | dict.fromkeys(LABELS, np.uint8))
     except FileNotFoundError:
@@ -226,7 +232,7 @@ def read_split(path: Path) -> pd.DataFrame:
     unknown = set(split[SPLIT_COLUMN]) - set(SPLITS)
     if unknown:
         raise CxrError(f"{path}: unknown split {sorted(unknown)[0]!r}")
-    return split[columns]
+    return split[columns + [name for name in DEMOGRAPHIC_COLUMNS if name in split.columns]]
 
 
 def _describe(part: pd.DataFrame, total_images: int) -> dict:

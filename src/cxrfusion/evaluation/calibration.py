@@ -1,4 +1,4 @@
-"""Calibration of multi-label probabilities: ECE, Brier, reliability bins and temperature scaling.
+"""Calibration metrics of multi-label probabilities: ECE, Brier, NLL and reliability bins.
 
 Each of the C outputs is its own binary problem (sigmoid, not softmax), so "confidence" here is the
 predicted probability of the positive class and "accuracy" the observed positive frequency. With
@@ -8,11 +8,6 @@ predicted probability of the positive class and "accuracy" the observed positive
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import expit
-
-# Bounds of a fitted temperature: beyond them the fit is chasing separable data, not calibrating.
-TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
 def _check_probs(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,51 +112,10 @@ def nll(
     return float(loss) if axis is None else loss
 
 
-def _logit_nll(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean binary cross-entropy from logits, stable for large |logits|."""
-    return float(np.mean(np.logaddexp(0.0, logits) - y * logits))
-
-
-def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> np.ndarray:
-    """One temperature per class minimising the binary NLL of sigmoid(logits / T).
-
-    Fit it on validation data, never on the test set. T > 1 softens overconfident outputs.
-    The search is over log T within `TEMPERATURE_BOUNDS`; a fit that would not lower the NLL
-    against T = 1 (e.g. a tolerance-limited optimum) keeps T = 1.
-
-    Args:
-        logits: (N, C) raw model outputs (before the sigmoid).
-        y_true: (N, C) 0/1 ground truth.
-
-    Returns:
-        (C,) temperatures; 1.0 for a class with no positives or no negatives (nothing to fit).
-    """
-    z = np.asarray(logits, dtype=float)
-    y = np.asarray(y_true, dtype=float)
-    if z.ndim != 2 or z.shape != y.shape or z.size == 0:
-        raise ValueError(f"logits {z.shape} and y_true {y.shape} must share one (N, C) shape")
-    if not np.isin(y, (0.0, 1.0)).all() or not np.isfinite(z).all():
-        raise ValueError("y_true must hold only 0 and 1 and logits must be finite")
-    temperatures = np.ones(z.shape[1])
-    bounds = np.log(TEMPERATURE_BOUNDS)
-    for c in range(z.shape[1]):
-        if y[:, c].all() or not y[:, c].any():
-            continue
-        result = minimize_scalar(
-            lambda log_t, c=c: _logit_nll(z[:, c] / np.exp(log_t), y[:, c]),
-            bounds=bounds,
-            method="bounded",
-        )
-        if result.fun < _logit_nll(z[:, c], y[:, c]):
-            temperatures[c] = float(np.exp(result.x))
-    return temperatures
-
-
-def apply_temperature(logits: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:
-    """Calibrated probabilities sigmoid(logits / T).
-
-    Args:
-        logits: (N, C) raw model outputs.
-        temperature: (C,) per-class temperatures from `fit_temperature`, or one scalar.
-    """
-    return expit(np.asarray(logits, dtype=float) / np.asarray(temperature, dtype=float))
+def calibration_summary(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float]:
+    """Pooled ECE (15 bins), Brier score and NLL of (N, C) probabilities, for metrics.json."""
+    return {
+        "ECE": expected_calibration_error(y_true, y_prob),
+        "Brier": brier_score(y_true, y_prob),
+        "NLL": nll(y_true, y_prob),
+    }

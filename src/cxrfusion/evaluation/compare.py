@@ -1,8 +1,10 @@
-"""Compare evaluated runs on the same images: per-class AUC of each and DeLong tests (Table 2).
+"""Compare evaluated runs on the same images: per-class AUC of each and paired tests (Table 2).
 
-Each run's evaluation folder holds a `predictions.csv` (one row per image: `Image Index`, the 14
-mean probabilities named after the labels and the truth as `true_<label>`). The runs must have been
-evaluated on the same images with the same labels, because DeLong's test is paired.
+Each run's evaluation folder holds a `predictions.csv` (one row per image: `Image Index`,
+`Patient ID`, the 14 mean probabilities named after the labels and the truth as `true_<label>`).
+The runs must have been evaluated on the same images with the same labels, because the test is
+paired. The test is DeLong's in Obuchowski's patient-clustered form: several radiographs of one
+patient are not independent cases, which plain DeLong assumes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pandas as pd
 
 from cxrfusion.atomic import atomic_path, write_atomic
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.delong import delong_test, holm
+from cxrfusion.evaluation.delong import clustered_delong_test, holm
 from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
 from cxrfusion.evaluation.report import Section, render_html, render_markdown
 from cxrfusion.labels import LABELS
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 PREDICTIONS = "predictions.csv"
 MACRO = "Macro"
 TRUE_COLUMNS = [f"true_{label}" for label in LABELS]
+PATIENT = "Patient ID"
 
 
 @dataclass(frozen=True)
@@ -35,13 +38,15 @@ class ComparisonResult:
 
     Attributes:
         table: index = the 14 labels then "Macro"; columns `positives`, one AUC column per model
-            (named after it), then per non-reference model `p (<name> vs <reference>)`: DeLong's
-            two-sided p-value, Holm-corrected across the classes tested; NaN where untestable
-            (fewer than two positives) and in the Macro row.
+            (named after it), then per non-reference model `p (<name> vs <reference>)`: the
+            patient-clustered DeLong two-sided p-value, Holm-corrected across the classes tested;
+            NaN where untestable (fewer than two patients with a positive or a negative image)
+            and in the Macro row.
         names: the models, in input order.
         reference: the model the others are tested against.
         eval_dirs: the evaluation folders, in input order.
         n_images: images compared (the same in every run).
+        n_patients: the patients those images belong to.
     """
 
     table: pd.DataFrame
@@ -49,6 +54,7 @@ class ComparisonResult:
     reference: str
     eval_dirs: list[Path]
     n_images: int
+    n_patients: int
 
 
 def p_column(name: str, reference: str) -> str:
@@ -63,56 +69,100 @@ def _default_name(eval_dir: Path) -> str:
 
 
 def _read_predictions(eval_dir: Path) -> pd.DataFrame:
-    """A run's predictions indexed by image, checked for the columns a comparison needs."""
+    """A run's predictions indexed by image, checked for what a comparison needs."""
     path = Path(eval_dir) / PREDICTIONS
     if not path.is_file():
         raise CxrError(f"{path}: missing; run `cxrfusion evaluate` for this run first")
-    frame = pd.read_csv(path)
-    missing = [c for c in ["Image Index", *LABELS, *TRUE_COLUMNS] if c not in frame.columns]
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CxrError(f"{path}: not a readable predictions file ({reason})") from None
+    needed = ["Image Index", PATIENT, *LABELS, *TRUE_COLUMNS]
+    missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise CxrError(f"{path}: missing columns {', '.join(missing)}")
-    if frame["Image Index"].duplicated().any():
-        raise CxrError(f"{path}: an image appears more than once in 'Image Index'")
+    if frame.empty:
+        raise CxrError(f"{path}: no rows")
+    if frame["Image Index"].isna().any() or frame["Image Index"].duplicated().any():
+        raise CxrError(f"{path}: 'Image Index' is empty or repeated in some rows")
+    values = frame[[PATIENT, *LABELS, *TRUE_COLUMNS]].apply(pd.to_numeric, errors="coerce")
+    if not np.isfinite(values.to_numpy(dtype=float)).all():
+        raise CxrError(
+            f"{path}: a non-numeric or empty value in the patient, score or truth columns"
+        )
+    if not values[TRUE_COLUMNS].isin((0, 1)).all().all():
+        raise CxrError(f"{path}: the true_<label> columns must hold only 0 and 1")
+    frame[values.columns] = values
     return frame.set_index("Image Index")
 
 
-def _aligned(eval_dirs: Sequence[Path]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Truth (N, 14) and each run's probabilities (N, 14), rows in the first run's image order."""
+def _aligned(eval_dirs: Sequence[Path]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Truth (N, 14), each run's probabilities (N, 14) and the patient of each image (N,).
+
+    Rows follow the first run's image order.
+    """
     frames = [_read_predictions(d) for d in eval_dirs]
     first = frames[0]
     for eval_dir, frame in zip(eval_dirs[1:], frames[1:], strict=True):
+        path = Path(eval_dir) / PREDICTIONS
         only_here = frame.index.difference(first.index)
         only_first = first.index.difference(frame.index)
         if len(only_here) or len(only_first):
             raise CxrError(
-                f"{eval_dir}: its images differ from {eval_dirs[0]} ({len(only_here)} only here, "
+                f"{path}: its {len(frame)} images differ from the {len(first)} of "
+                f"{Path(eval_dirs[0]) / PREDICTIONS} ({len(only_here)} only here, "
                 f"{len(only_first)} only there); compare runs evaluated on the same split"
             )
-        truth = frame.loc[first.index, TRUE_COLUMNS].to_numpy()
-        if not np.array_equal(truth, first[TRUE_COLUMNS].to_numpy()):
-            raise CxrError(f"{eval_dir}: its true labels differ from those of {eval_dirs[0]}")
+        same = frame.loc[first.index, [PATIENT, *TRUE_COLUMNS]].to_numpy()
+        if not np.array_equal(same, first[[PATIENT, *TRUE_COLUMNS]].to_numpy()):
+            raise CxrError(f"{path}: its patients or true labels differ from {eval_dirs[0]}")
     y = first[TRUE_COLUMNS].to_numpy().astype(np.uint8)
     probs = [frame.loc[first.index, list(LABELS)].to_numpy(dtype=float) for frame in frames]
-    return y, probs
+    return y, probs, first[PATIENT].to_numpy()
 
 
-def _holm_delong(y: np.ndarray, prob: np.ndarray, prob_reference: np.ndarray) -> np.ndarray:
-    """Per-class DeLong p-values of one model against the reference, Holm-corrected."""
-    raw = [delong_test(y[:, c], prob[:, c], prob_reference[:, c])[2] for c in range(y.shape[1])]
+def _holm_clustered_delong(
+    y: np.ndarray, prob: np.ndarray, prob_reference: np.ndarray, patients: np.ndarray
+) -> np.ndarray:
+    """Per-class patient-clustered DeLong p-values of one model against the reference, Holm."""
+    raw = [
+        clustered_delong_test(y[:, c], prob[:, c], prob_reference[:, c], patients)["p_value"]
+        for c in range(y.shape[1])
+    ]
     return holm(np.array(raw))
 
 
+def _reference_name(reference: str | Path | None, names: list[str], eval_dirs: list[Path]) -> str:
+    """The reference given as a model name or as one of the compared folders; default the first."""
+    if reference is None:
+        return names[0]
+    if str(reference) in names:
+        return str(reference)
+    wanted = Path(reference).resolve()
+    for name, eval_dir in zip(names, eval_dirs, strict=True):
+        if wanted in (eval_dir.resolve(), eval_dir.resolve().parent):
+            return name
+    raise CxrError(
+        f"--reference {reference}: neither a model name ({', '.join(names)}) nor a compared folder"
+    )
+
+
 def compare_runs(
-    eval_dirs: Sequence[Path], names: Sequence[str] | None = None, reference: str | None = None
+    eval_dirs: Sequence[Path],
+    names: Sequence[str] | None = None,
+    reference: str | Path | None = None,
 ) -> ComparisonResult:
-    """Per-class AUC of several runs on the same images, with DeLong tests against a reference.
+    """Per-class AUC of several runs on the same images, with paired tests against a reference.
 
     Args:
         eval_dirs: evaluation folders, each holding a `predictions.csv`.
         names: one display name per folder; default: the run folder's name (the parent of an
             `eval_*` folder, otherwise the folder itself).
-        reference: the model the others are tested against; default: the best macro AUC (the
-            first such on a tie), so the p-values ask "is this model worse than the best one?".
+        reference: the model the others are tested against, as a name or as one of the
+            folders (or its run folder); default: the first. Never chosen from the results:
+            picking the best model on the test set and testing the others against it would
+            bias the p-values.
 
     Raises:
         CxrError: a predictions file is missing or malformed, the runs' images or labels differ,
@@ -126,14 +176,11 @@ def compare_runs(
         raise CxrError(f"got {len(names)} names for {len(eval_dirs)} evaluation folders")
     if len(set(names)) != len(names):
         raise CxrError(f"model names must be unique, got {', '.join(names)}; pass names")
-    y, probs = _aligned(eval_dirs)
+    reference = _reference_name(reference, names, eval_dirs)
+    y, probs, patients = _aligned(eval_dirs)
 
     aucs = {name: per_class_auc(y, prob) for name, prob in zip(names, probs, strict=True)}
     macros = {name: macro_auc(auc) for name, auc in aucs.items()}
-    if reference is None:
-        reference = max(names, key=lambda n: -np.inf if np.isnan(macros[n]) else macros[n])
-    elif reference not in names:
-        raise CxrError(f"reference {reference!r} is not one of the models: {', '.join(names)}")
     logger.info("comparing %d runs on %d images, reference %s", len(names), len(y), reference)
 
     index = [*LABELS, MACRO]
@@ -144,8 +191,11 @@ def compare_runs(
     prob_reference = probs[names.index(reference)]
     for name, prob in zip(names, probs, strict=True):
         if name != reference:
-            table[p_column(name, reference)] = [*_holm_delong(y, prob, prob_reference), np.nan]
-    return ComparisonResult(table, names, reference, eval_dirs, len(y))
+            p_values = _holm_clustered_delong(y, prob, prob_reference, patients)
+            table[p_column(name, reference)] = [*p_values, np.nan]
+    return ComparisonResult(
+        table, names, reference, eval_dirs, len(y), int(len(np.unique(patients)))
+    )
 
 
 def _format_p(p: float) -> str:
@@ -168,12 +218,14 @@ def _display_table(result: ComparisonResult) -> pd.DataFrame:
 
 def _notes(result: ComparisonResult) -> str:
     return (
-        f"AUC per pathology of each model on the same {result.n_images:,} images; "
-        "Macro is the mean over the classes with positives and negatives, and its positives "
-        "count is the images with at least one finding. "
-        f"p: DeLong's two-sided test of each model against {result.reference} (the reference), "
-        "Holm-corrected across the classes tested; blank where a class has fewer than two "
-        "positives or negatives."
+        f"AUC per pathology of each model on the same {result.n_images:,} images of "
+        f"{result.n_patients:,} patients; Macro is the mean over the classes with positives and "
+        "negatives, and its positives count is the images with at least one finding. "
+        f"Reference: {result.reference} (as given, or the first model listed). "
+        "p: two-sided paired test of each model against the reference, DeLong's test "
+        "clustered by patient (Obuchowski 1997: a patient's images are not independent), "
+        "Holm-corrected across the classes tested; blank where fewer than two patients have a "
+        "positive or a negative image."
     )
 
 
@@ -192,7 +244,7 @@ def write_comparison(result: ComparisonResult, out: Path) -> list[Path]:
     out = Path(out)
     title = "Model comparison"
     section = Section(
-        "Per-class ROC-AUC and DeLong tests",
+        "Per-class ROC-AUC and patient-clustered DeLong tests",
         text=_notes(result)
         + "\n\n"
         + "\n".join(f"- {n}: {d}" for n, d in zip(result.names, result.eval_dirs, strict=True)),

@@ -1,45 +1,46 @@
-"""`cxrfusion evaluate`: predictions with MC dropout > metrics > figures > report, for one run."""
+"""`cxrfusion evaluate`: MC-dropout predictions > calibration > metrics > figures > report.
+
+The pipeline only: temperature scaling is in temperature.py, operating points and subgroups in
+their modules, the figures in figures.py and the report's sections in sections.py.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.special import expit, logit
 
 from cxrfusion.atomic import write_atomic
 from cxrfusion.checks import check_bool, check_choice, check_number
-from cxrfusion.data.dataset import split_datasets
+from cxrfusion.data.dataset import CachedXrayDataset, split_datasets
 from cxrfusion.data.split import read_split
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation import plots
-from cxrfusion.evaluation.calibration import (
-    brier_score,
-    expected_calibration_error,
-    fit_temperature,
-    nll,
-    reliability_bins,
-)
-from cxrfusion.evaluation.metrics import auc_summary
-from cxrfusion.evaluation.predictions import (
-    model_input,
-    predict_logits,
-    predict_samples,
-    predictions_table,
-)
+from cxrfusion.evaluation.calibration import calibration_summary
+from cxrfusion.evaluation.figures import evaluation_figures, example_figures
+from cxrfusion.evaluation.metrics import auc_summary, per_class_average_precision
+from cxrfusion.evaluation.operating_points import operating_points
+from cxrfusion.evaluation.predictions import predict_sample_logits, predictions_table
 from cxrfusion.evaluation.referral import referral_curve
-from cxrfusion.evaluation.report import Section, auc_table, calibration_table, write_report
+from cxrfusion.evaluation.sections import write_evaluation_report
+from cxrfusion.evaluation.subgroups import subgroup_aucs
+from cxrfusion.evaluation.temperature import apply_temperature, fit_temperature, write_temperature
 from cxrfusion.evaluation.uncertainty import summarise_samples
-from cxrfusion.explain import gradcam, save_gradcam_figure
 from cxrfusion.inference.runs import load_run, resolve_checkpoint
 from cxrfusion.labels import LABELS
 
 log = logging.getLogger(__name__)
+
+# The split that temperatures and operating-point thresholds are chosen on.
+TUNING_SPLIT = "val"
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class EvaluateOptions:
         mc_mode: "head" (backbone once, head T times: same distribution, ~T times cheaper) or
             "full" (T whole passes, for models with dropout outside the head).
         threshold: per-image uncertainty (mean of the 14 stds) above which an image is flagged.
-        temperature_scale: fit one temperature per class on the validation split.
+        temperature_scale: fit one temperature per class on the validation split's MC-dropout
+            logits, apply it to every sample, and save it as <run>/temperature.json.
         bootstrap: patient-level bootstrap resamples for the 95 % CIs.
         seed: seed of the dropout masks and of the bootstrap.
         batch_size: images per forward pass.
@@ -81,18 +83,62 @@ class EvaluateOptions:
         check_number("examples", self.examples, integer=True, low=1)
 
 
-def _calibration(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    return {
-        "ECE": expected_calibration_error(y, p),
-        "Brier": brier_score(y, p),
-        "NLL": nll(y, p),
-    }
+@dataclass(frozen=True)
+class SplitData:
+    """One split's images (as the model reads them) and its split.csv rows, in the same order."""
+
+    dataset: CachedXrayDataset
+    rows: pd.DataFrame
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.rows[list(LABELS)].to_numpy()
 
 
-def _scaled(samples: np.ndarray, temperature: np.ndarray) -> np.ndarray:
-    """Each dropout sample's probability after dividing its logit by the class temperature."""
-    clipped = np.clip(samples.astype(np.float64), 1e-7, 1 - 1e-7)
-    return expit(logit(clipped) / temperature)
+def load_split_data(run_dir: Path, config, names: set[str]) -> dict[str, SplitData]:
+    """The run's data for the splits in `names`: the one place evaluate reads images.
+
+    Raises:
+        CxrError: a requested split is empty in the run's split.csv.
+    """
+    split_file = run_dir / "split.csv"
+    split = read_split(split_file)
+    datasets = split_datasets(
+        Path(config.prepared), config.cache_size, config.input_size, split_file=split_file
+    )
+    data = {}
+    for name in names:
+        if len(datasets[name]) == 0:
+            raise CxrError(f"{split_file}: the {name!r} split is empty")
+        data[name] = SplitData(datasets[name], split[split["split"] == name])
+    return data
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A fresh sibling folder to write into; renamed to `out` (replacing it) when complete.
+
+    A failure removes the staging folder, so no half-written evaluation is ever left, and an
+    older evaluation at `out` stays as it was until the new one is complete.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    retired = out.with_name(f".{out.name}.{os.getpid()}.old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            os.replace(out, retired)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if retired.exists():
+                os.replace(retired, out)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def evaluate(
@@ -101,7 +147,8 @@ def evaluate(
     """Evaluate a run directory (or a checkpoint in one); returns the folder with report.html.
 
     Writes predictions.csv, metrics.json, the figures and report.html / report.md into `out`
-    (default: <run>/eval_<split>).
+    (default: <run>/eval_<split>), all at once: the folder appears complete or not at all. With
+    `temperature_scale`, also <run>/temperature.json (see `temperature.py` for what is fitted).
     """
     checkpoint = resolve_checkpoint(run)
     run_dir = checkpoint.parent
@@ -109,183 +156,116 @@ def evaluate(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module, config = load_run(checkpoint, device)
     model = module.model.to(memory_format=torch.channels_last)
-    split = read_split(run_dir / "split.csv")
-    datasets = split_datasets(
-        Path(config.prepared),
-        config.cache_size,
-        config.input_size,
-        split_file=run_dir / "split.csv",
-    )
-    if options.split not in datasets or len(datasets[options.split]) == 0:
-        raise CxrError(f"{run_dir / 'split.csv'}: the {options.split!r} split is empty")
-    dataset, rows = datasets[options.split], split[split["split"] == options.split]
-
-    samples = predict_samples(
-        model, dataset, options.mc_samples, options.mc_mode, options.batch_size, options.seed
-    )
-    y = rows[list(LABELS)].to_numpy()
-    metrics: dict = {"split": options.split, "checkpoint": str(checkpoint)}
+    data = load_split_data(run_dir, config, {options.split, TUNING_SPLIT})
+    logits = {
+        name: predict_sample_logits(
+            model,
+            part.dataset,
+            options.mc_samples,
+            options.mc_mode,
+            options.batch_size,
+            options.seed,
+        )  # fmt: skip
+        for name, part in data.items()
+    }
+    evaluated, tuning = data[options.split], data[TUNING_SPLIT]
+    metrics: dict = {"split": options.split, "checkpoint": str(checkpoint), "notes": []}
     temperature = None
     if options.temperature_scale:
-        val = datasets["val"]
-        temperature = fit_temperature(predict_logits(model, val), val.targets.numpy())
-        before = _calibration(y, samples.mean(axis=0))
-        samples = _scaled(samples, temperature)
-        metrics["temperature"] = dict(zip(LABELS, temperature.tolist(), strict=True))
+        temperature = fit_temperature(logits[TUNING_SPLIT], tuning.y)
+        _note_scaling(metrics, temperature, options, len(tuning.rows))
+    samples = apply_temperature(logits[options.split], 1.0 if temperature is None else temperature)
+    val_samples = apply_temperature(
+        logits[TUNING_SPLIT], 1.0 if temperature is None else temperature
+    )
     summary = summarise_samples(samples)
-    out.mkdir(parents=True, exist_ok=True)
-    table = predictions_table(rows, summary, options.threshold)
-    write_atomic(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+    unscaled = None if temperature is None else apply_temperature(logits[options.split], 1.0)
+    _add_metrics(metrics, evaluated, summary, val_samples.mean(axis=0), tuning.y, options)
+    if unscaled is not None:
+        metrics["calibration_before_temperature"] = calibration_summary(
+            evaluated.y, unscaled.mean(axis=0)
+        )
+    split = read_split(run_dir / "split.csv")
+    with _staged(out) as staging:
+        table = predictions_table(evaluated.rows, summary, options.threshold)
+        write_atomic(staging / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+        metrics["uncertainty"]["flagged"] = int(table["flag"].sum())
+        write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+        figures = evaluation_figures(
+            staging, evaluated.rows, evaluated.y, samples, summary, metrics["referral"],
+            None if unscaled is None else unscaled.mean(axis=0),
+        )  # fmt: skip
+        figures |= example_figures(
+            staging, model, evaluated.dataset, evaluated.rows, evaluated.y, summary,
+            options.examples,
+        )  # fmt: skip
+        write_evaluation_report(staging, run_dir, config.to_yaml(), split, metrics, figures)
+    if temperature is not None:
+        write_temperature(run_dir, temperature, metrics["temperature_scaling"])
+    log.info("evaluation of %s written to %s", run_dir, out)
+    return out
 
-    mean = summary["mean"]
+
+def _note_scaling(
+    metrics: dict, temperature: np.ndarray, options: EvaluateOptions, n_images: int
+) -> None:
+    """Record the fitted temperatures, and warn when they are judged on their own data."""
+    metrics["temperature"] = dict(zip(LABELS, temperature.tolist(), strict=True))
+    metrics["temperature_scaling"] = {
+        "fitted_on": TUNING_SPLIT,
+        "images": n_images,
+        "mc_samples": options.mc_samples,
+        "mc_mode": options.mc_mode,
+        "seed": options.seed,
+    }
+    if options.split == TUNING_SPLIT:
+        note = (
+            f"temperatures were fitted on the {TUNING_SPLIT} split that is evaluated here: "
+            "its calibration after scaling is optimistic"
+        )
+        log.warning(note)
+        metrics["notes"].append(note)
+
+
+def _add_metrics(
+    metrics: dict,
+    evaluated: SplitData,
+    summary: dict[str, np.ndarray],
+    val_mean: np.ndarray,
+    val_y: np.ndarray,
+    options: EvaluateOptions,
+) -> None:
+    """AUC with CIs, AUPRC, operating points, subgroups, calibration, referral, uncertainty."""
+    y, mean, rows = evaluated.y, summary["mean"], evaluated.rows
     metrics["auc"] = auc_summary(
         y, mean, rows["Patient ID"].to_numpy(), n_resamples=options.bootstrap, seed=options.seed
     )
-    metrics["calibration"] = _calibration(y, mean)
-    if temperature is not None:
-        metrics["calibration_before_temperature"] = before
+    auprc, prevalence = per_class_average_precision(y, mean), y.mean(axis=0)
+    metrics["auprc"] = {
+        "classes": {
+            label: {
+                "auprc": None if np.isnan(a) else float(a),
+                "prevalence": float(p),
+            }
+            for label, a, p in zip(LABELS, auprc, prevalence, strict=True)
+        }
+    }
+    metrics["operating_points"] = operating_points(val_y, val_mean, y, mean)
+    metrics["subgroups"] = subgroup_aucs(rows, y, mean)
+    if not metrics["subgroups"]:
+        metrics["subgroups_note"] = (
+            "split.csv has no Patient Gender, Patient Age or View Position columns (prepared "
+            "before they were kept): subgroups skipped; run `cxrfusion prepare` again to add them"
+        )
+        metrics["notes"].append(metrics["subgroups_note"])
+    metrics["calibration"] = calibration_summary(y, mean)
     metrics["referral"] = referral_curve(y, mean, summary["uncertainty"])
     metrics["uncertainty"] = {
         "mc_samples": options.mc_samples,
         "mc_mode": options.mc_mode,
         "threshold": options.threshold,
-        "flagged": int(table["flag"].sum()),
         "mean_uncertainty": float(summary["uncertainty"].mean()),
         "mean_mutual_information": float(summary["mutual_information"].mean()),
     }
     metrics["counts"] = {"images": len(rows), "patients": int(rows["Patient ID"].nunique())}
     metrics["options"] = asdict(options)
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
-
-    figures = _figures(out, model, dataset, rows, y, samples, summary, metrics["referral"], options)
-    _report(out, run_dir, config, split, metrics, figures)
-    log.info("evaluation of %s written to %s", run_dir, out)
-    return out
-
-
-def _examples(summary: dict[str, np.ndarray], count: int) -> np.ndarray:
-    """Positions of the most uncertain half and the most confident half of `count` images."""
-    order = np.argsort(summary["uncertainty"], kind="stable")
-    uncertain, confident = order[::-1][: (count + 1) // 2], order[: count // 2]
-    return np.concatenate([uncertain, confident])
-
-
-def _figures(
-    out: Path,
-    model,
-    dataset,
-    rows: pd.DataFrame,
-    y: np.ndarray,
-    samples: np.ndarray,
-    summary: dict[str, np.ndarray],
-    referral: dict,
-    options: EvaluateOptions,
-) -> dict[str, Path]:
-    mean = summary["mean"]
-    figures = {
-        "roc": plots.plot_roc_curves(y, mean, out / "roc_curves.png"),
-        "reliability": plots.plot_reliability(reliability_bins(y, mean), out / "reliability.png"),
-        "referral": plots.plot_referral_curve(referral, out / "referral_curve.png"),
-    }
-    most_uncertain = int(np.argmax(summary["uncertainty"]))
-    top = int(np.argmax(mean[most_uncertain]))
-    figures["mc_histogram"] = plots.plot_mc_histogram(
-        samples[:, most_uncertain, top],
-        LABELS[top],
-        rows["Image Index"].iloc[most_uncertain],
-        out / "mc_histogram.png",
-    )
-    picked = _examples(summary, options.examples)
-    images = np.asarray(dataset.images[dataset.rows[picked]])
-    truth = [[label for label, v in zip(LABELS, y[i], strict=True) if v] for i in picked]
-    figures["grid"] = plots.plot_prediction_grid(
-        images, truth, mean[picked], summary["std"][picked], out / "prediction_grid.png"
-    )
-    for rank, position in enumerate(picked):
-        image, _, _ = dataset[int(position)]
-        x = model_input(model, image.unsqueeze(0))
-        best = np.argsort(-mean[position])[:3]
-        heatmaps = {LABELS[c]: gradcam(model, x, int(c)) for c in best}
-        probs = {LABELS[c]: float(mean[position, c]) for c in best}
-        name = rows["Image Index"].iloc[position]
-        figures[f"gradcam {name}"] = save_gradcam_figure(
-            image[0].numpy(), heatmaps, probs, out / f"gradcam_{rank}_{Path(name).stem}.png"
-        )
-    return figures
-
-
-def _data_table(split: pd.DataFrame) -> pd.DataFrame:
-    """Images, patients and positives per split (the data the run was trained and tested on)."""
-    groups = split.groupby("split", sort=False)
-    table = pd.DataFrame({"images": groups.size(), "patients": groups["Patient ID"].nunique()})
-    return pd.concat([table, groups[list(LABELS)].sum()], axis=1).T
-
-
-def _report(
-    out: Path,
-    run_dir: Path,
-    config,
-    split: pd.DataFrame,
-    metrics: dict,
-    figures: dict[str, Path],
-) -> tuple[Path, Path]:
-    auc = metrics["auc"]
-    uncertainty = metrics["uncertainty"]
-    macro = auc["macro"]
-    ci = (
-        f" (95 % CI {macro['ci_low']:.3f} - {macro['ci_high']:.3f})"
-        if macro["ci_low"] is not None
-        else ""
-    )
-    headline = (
-        f"Macro ROC-AUC {macro['auc']:.3f}{ci} on {metrics['counts']['images']:,} "
-        f"{metrics['split']} images of {metrics['counts']['patients']:,} patients; "
-        f"{uncertainty['flagged']:,} flagged for review (uncertainty above "
-        f"{uncertainty['threshold']})."
-    )
-    before = metrics.get("calibration_before_temperature")
-    calibration = (
-        calibration_table(before, metrics["calibration"])
-        if before
-        else calibration_table(metrics["calibration"])
-    )
-    sections = [
-        Section("Summary", text=f"Run: {run_dir}\n\n{headline}"),
-        Section(
-            "Per-class ROC-AUC",
-            table=auc_table(auc),
-            figure=figures["roc"],
-            caption="ROC curve per pathology; CIs resample patients.",
-        ),
-        Section("Calibration", table=calibration, figure=figures["reliability"]),
-        Section(
-            "Uncertainty",
-            text=f"Monte-Carlo dropout, T = {uncertainty['mc_samples']} ({uncertainty['mc_mode']} "
-            f"mode). Mean uncertainty {uncertainty['mean_uncertainty']:.4f}, mean mutual "
-            f"information {uncertainty['mean_mutual_information']:.4f}.",
-            figure=figures["mc_histogram"],
-            caption="The T sampled probabilities of the most uncertain image's top class.",
-        ),
-        Section(
-            "Referral",
-            figure=figures["referral"],
-            caption="Macro AUC on the retained images as the most uncertain are referred.",
-        ),
-        Section(
-            "Predictions",
-            figure=figures["grid"],
-            caption="Most uncertain and most confident images: truth and top predictions.",
-        ),
-        *[
-            Section(f"Grad-CAM: {name.split(' ', 1)[1]}", figure=path)
-            for name, path in figures.items()
-            if name.startswith("gradcam ")
-        ],
-        Section(
-            "Data",
-            text="Images, patients and positives per split (split by patient).",
-            table=_data_table(split),
-        ),
-        Section("Run config", code=config.to_yaml()),
-    ]
-    return write_report(out, f"cxrfusion evaluation: {run_dir.name}", sections)

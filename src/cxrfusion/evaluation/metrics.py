@@ -1,4 +1,4 @@
-"""Per-class ROC-AUC, macro AUC and patient-level bootstrap confidence intervals.
+"""Per-class ROC-AUC and AUPRC, macro AUC and patient-level bootstrap intervals and tests.
 
 Honest numbers: a class without positives (or without negatives) has no AUC (NaN, never 0) and is left
 out of the macro mean, so it can never lower it; confidence intervals resample *patients*, because the
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_curve
+from sklearn.metrics import average_precision_score, roc_curve
 
 from cxrfusion.labels import LABELS
 
@@ -93,6 +93,23 @@ def per_class_auc(
     return _SortedScores(y, p).auc(weights)
 
 
+def per_class_average_precision(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
+    """AUPRC (average precision, sklearn's step-wise sum) of each class.
+
+    Its chance level is the class prevalence, not 0.5: report the two side by side.
+
+    Returns:
+        (C,) values; NaN for a class with no positives (precision is undefined).
+    """
+    y, p = _check_scores(y_true, y_prob)
+    return np.array(
+        [
+            average_precision_score(y[:, c], p[:, c]) if y[:, c].any() else np.nan
+            for c in range(y.shape[1])
+        ]
+    )
+
+
 def macro_auc(aucs: np.ndarray) -> float:
     """Mean of the defined per-class AUCs: a NaN class (no positives) never lowers it.
 
@@ -142,27 +159,16 @@ def bootstrap_auc_ci(
         `n_patients`, `n_resamples`, `level`, `seed`. Undefined values are NaN.
     """
     y, p = _check_scores(y_true, y_prob)
-    groups = np.asarray(groups)
-    if groups.shape != (len(y),):
-        raise ValueError(
-            f"groups must hold one patient id per image ({len(y)}), got {groups.shape}"
-        )
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    _, patient = np.unique(groups, return_inverse=True)
-    n_patients = int(patient.max()) + 1
-
     scores = _SortedScores(y, p)
     point = scores.auc(np.ones(len(y)))
     defined = ~np.isnan(point)
-    rng = np.random.default_rng(seed)
     started = time.perf_counter()
-    replicates = np.empty((n_resamples, y.shape[1]))
-    for b in range(n_resamples):
-        drawn = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
-        replicates[b] = scores.auc(drawn[patient].astype(float))
+    replicates = np.array(
+        [scores.auc(w) for w in _patient_draws(groups, len(y), n_resamples, seed)]
+    )
+    n_patients = len(np.unique(groups))
     logger.debug(
         "bootstrap: %d resamples of %d patients in %.2f s",
         n_resamples,
@@ -190,6 +196,78 @@ def bootstrap_auc_ci(
         "n_resamples": n_resamples,
         "level": level,
         "seed": seed,
+    }
+
+
+def _patient_draws(
+    groups: np.ndarray, n_images: int, n_resamples: int, seed: int
+) -> Iterator[np.ndarray]:
+    """Per resample, how often each image was drawn when patients are drawn with replacement."""
+    groups = np.asarray(groups)
+    if groups.shape != (n_images,):
+        raise ValueError(
+            f"groups must hold one patient id per image ({n_images}), got {groups.shape}"
+        )
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    _, patient = np.unique(groups, return_inverse=True)
+    n_patients = int(patient.max()) + 1
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        drawn = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
+        yield drawn[patient].astype(float)
+
+
+def paired_bootstrap_auc_difference(
+    y_true: np.ndarray,
+    prob_a: np.ndarray,
+    prob_b: np.ndarray,
+    groups: np.ndarray,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """AUC(A) - AUC(B) on the same images with a paired patient-cluster bootstrap.
+
+    Each resample draws patients with replacement and scores both models on the same draw, so
+    the correlation between the models and between a patient's images are both kept. The
+    two-sided p-value uses the shifted null: the bootstrap differences centred on the observed
+    one estimate the null distribution, and p = (1 + #{|d* - d| >= |d|}) / (1 + valid resamples).
+    A resample without a positive or a negative is skipped (not counted as valid).
+
+    Args:
+        y_true: (N,) 0/1 ground truth of one class.
+        prob_a: (N,) scores of model A.
+        prob_b: (N,) scores of model B.
+        groups: (N,) patient id of each image.
+        n_resamples: bootstrap resamples.
+        seed: seed of the patient draws.
+        level: coverage of the percentile interval of the difference.
+
+    Returns:
+        dict with `difference`, `ci_low`, `ci_high`, `se` (bootstrap standard deviation),
+        `p_value`, `n_valid`, `n_resamples`; NaN where undefined.
+    """
+    y = np.asarray(y_true)
+    both = np.column_stack([y, y])
+    scores = _SortedScores(*_check_scores(both, np.column_stack([prob_a, prob_b])))
+    observed = scores.auc(np.ones(len(y)))
+    difference = float(observed[0] - observed[1])
+    replicates = np.array(
+        [np.subtract(*scores.auc(w)) for w in _patient_draws(groups, len(y), n_resamples, seed)]
+    )
+    valid = replicates[~np.isnan(replicates)]
+    low, high, n_valid = _percentile_interval(replicates, level)
+    undefined = np.isnan(difference) or n_valid == 0
+    extreme = np.abs(valid - difference) >= abs(difference) - 1e-12
+    return {
+        "difference": difference,
+        "ci_low": low,
+        "ci_high": high,
+        "se": float(valid.std(ddof=1)) if n_valid > 1 else float("nan"),
+        "p_value": float("nan") if undefined else float((1 + extreme.sum()) / (1 + n_valid)),
+        "n_valid": n_valid,
+        "n_resamples": n_resamples,
     }
 
 
@@ -229,8 +307,10 @@ def auc_summary(
         labels: one name per column of `y_true`, in column order (the 14 pathologies by default).
 
     Returns:
-        {"classes": {label: {auc, ci_low, ci_high, positives, negatives}},
-         "macro": {auc, ci_low, ci_high}, "n_images", "n_patients", "n_resamples", "level", "seed"}
+        {"classes": {label: {auc, ci_low, ci_high, n_valid, positives, negatives}},
+         "macro": {auc, ci_low, ci_high, n_valid}, "n_images", "n_patients", "n_resamples",
+         "level", "seed"}; `n_valid` counts the resamples in which the class (for the macro:
+        every class defined on the full data) had positives and negatives: the CI's basis.
     """
     y = np.asarray(y_true)
     if y.ndim != 2 or y.shape[1] != len(labels):
@@ -242,6 +322,7 @@ def auc_summary(
             "auc": _json_number(ci["auc"][c]),
             "ci_low": _json_number(ci["ci_low"][c]),
             "ci_high": _json_number(ci["ci_high"][c]),
+            "n_valid": int(ci["n_valid"][c]),
             "positives": int(positives[c]),
             "negatives": int(len(y) - positives[c]),
         }
@@ -253,6 +334,7 @@ def auc_summary(
             "auc": _json_number(ci["macro_auc"]),
             "ci_low": _json_number(ci["macro_ci_low"]),
             "ci_high": _json_number(ci["macro_ci_high"]),
+            "n_valid": int(ci["macro_n_valid"]),
         },
         "n_images": ci["n_images"],
         "n_patients": ci["n_patients"],

@@ -9,15 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cxrfusion.data.figures import save_figure  # noqa: E402
-from cxrfusion.evaluation.metrics import macro_auc, per_class_auc, roc_curve_points  # noqa: E402
-from cxrfusion.labels import LABELS  # noqa: E402
+from cxrfusion.evaluation.metrics import macro_auc, per_class_auc, roc_curve_points
+from cxrfusion.labels import LABELS
+from cxrfusion.plotting import new_figure, save_figure
 
 BLUE, VERMILLION, GREY = "#0072B2", "#D55E00", "#7f7f7f"
 TICKS = (0.0, 0.5, 1.0)
@@ -43,7 +39,8 @@ def plot_roc_curves(
     positives = np.asarray(y_true).astype(bool).sum(axis=0)
     columns = 4
     rows = int(np.ceil(len(labels) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
+    figure = new_figure((3.2 * columns, 3.2 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.ravel()[len(labels) :]:
         ax.axis("off")
     for ax, label, curve, auc, n_pos in zip(
@@ -84,7 +81,8 @@ def plot_mc_histogram(samples: np.ndarray, label: str, image_name: str, path: Pa
     if samples.ndim != 1 or samples.size < 2:
         raise ValueError(f"samples must be (T,) with T >= 2, got {samples.shape}")
     mean, std = samples.mean(), samples.std()
-    figure, ax = plt.subplots(figsize=(6, 3.8))
+    figure = new_figure((6, 3.8))
+    ax = figure.subplots()
     ax.hist(samples, bins=np.linspace(0, 1, 41), color=BLUE, alpha=0.8, edgecolor="white")
     ax.axvspan(mean - std, mean + std, color=VERMILLION, alpha=0.15, label=f"± std = {std:.3f}")
     ax.axvline(mean, color=VERMILLION, linewidth=2, label=f"mean = {mean:.3f}")
@@ -122,7 +120,8 @@ def plot_prediction_grid(
         raise ValueError(f"means and stds must be ({n_images}, {len(LABELS)})")
     columns = min(n_images, 4)
     rows = int(np.ceil(n_images / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 4.6 * rows), squeeze=False)
+    figure = new_figure((3.4 * columns, 4.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, truth, mean, std in zip(
@@ -157,16 +156,16 @@ def plot_reliability(bins_before: dict, path: Path, bins_after: dict | None = No
     """Reliability diagram (observed frequency vs confidence) over a histogram of bin counts.
 
     Args:
-        bins_before: `reliability_bins` output of the uncalibrated probabilities.
+        bins_before: `reliability_bins` output of the model's probabilities (before scaling).
         path: PNG file to write.
         bins_after: the same after temperature scaling, drawn alongside when given.
     """
-    series = [("before", bins_before, VERMILLION, "o")]
+    first = "model" if bins_after is None else "before temperature scaling"
+    series = [(first, bins_before, VERMILLION, "o")]
     if bins_after is not None:
         series.append(("after temperature scaling", bins_after, BLUE, "s"))
-    figure, (top, bottom) = plt.subplots(
-        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    figure = new_figure((6, 7))
+    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], linestyle="--", color=GREY, label="perfect calibration")
     width = 1.0 / len(bins_before["centers"])
     for offset, (name, bins, colour, marker) in enumerate(series):
@@ -203,7 +202,8 @@ def plot_referral_curve(curve: dict, path: Path) -> Path:
     """
     percent = 100.0 * np.asarray(curve["fraction_referred"], dtype=float)
     auc = np.asarray(curve["macro_auc"], dtype=float)
-    figure, ax = plt.subplots(figsize=(6, 4))
+    figure = new_figure((6, 4))
+    ax = figure.subplots()
     ax.axhline(auc[0], color=GREY, linestyle="--", linewidth=1, label="no referral")
     ax.plot(percent, auc, marker="o", color=BLUE, label="retained images")
     ax.annotate(

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from cxrfusion.data.dataset import CachedXrayDataset
 from cxrfusion.data.transforms import normalize
-from cxrfusion.evaluation.uncertainty import flag, mc_dropout_samples
+from cxrfusion.evaluation.uncertainty import flag, mc_dropout_logits
 from cxrfusion.labels import LABELS
 from cxrfusion.models import CxrModel
 
@@ -22,7 +22,7 @@ def model_input(model: CxrModel, images: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def predict_samples(
+def predict_sample_logits(
     model: CxrModel,
     dataset: CachedXrayDataset,
     samples: int = 25,
@@ -30,31 +30,25 @@ def predict_samples(
     batch_size: int = 64,
     seed: int = 0,
 ) -> np.ndarray:
-    """Probabilities (T, N, 14) of T dropout samples for every image of `dataset`, in order.
+    """Logits (T, N, 14) of T dropout samples for every image of `dataset`, in order.
+
+    Logits, not probabilities: temperature scaling divides them, and the sigmoid of a float32
+    probability near 0 or 1 cannot be inverted exactly.
 
     Args:
         model: the trained network in eval mode, on its device.
         dataset: the split to predict (no augmentation).
-        samples: T stochastic passes; 1 with dropout off would be the deterministic prediction.
+        samples: T stochastic passes.
         mode: "head" (backbone once, head T times) or "full" (T whole passes).
+        batch_size: images per forward pass.
         seed: seeds the dropout masks of each batch, so a run repeats exactly.
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = []
     for batch, (images, _, _) in enumerate(tqdm(loader, desc="MC dropout", unit="batch")):
-        probs = mc_dropout_samples(model, model_input(model, images), samples, mode, seed + batch)
-        out.append(probs.float().cpu().numpy())
+        logits = mc_dropout_logits(model, model_input(model, images), samples, mode, seed + batch)
+        out.append(logits.float().cpu().numpy())
     return np.concatenate(out, axis=1)
-
-
-@torch.inference_mode()
-def predict_logits(model: CxrModel, dataset: CachedXrayDataset, batch_size: int = 64) -> np.ndarray:
-    """Deterministic logits (N, 14) with dropout off (used to fit temperatures)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    model.eval()
-    return np.concatenate(
-        [model(model_input(model, x)).float().cpu().numpy() for x, _, _ in loader]
-    )
 
 
 def predictions_table(

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from cxrfusion.data.transforms import Triple
+from cxrfusion.evaluation.temperature import read_temperature
 from cxrfusion.evaluation.uncertainty import mc_dropout_logits
-from cxrfusion.inference.runs import load_run, run_card, run_temperatures, run_threshold
+from cxrfusion.inference.runs import load_run, run_card, run_threshold
 from cxrfusion.labels import LABELS
 from cxrfusion.models import CxrModel
 
@@ -118,7 +119,7 @@ def load_torch(run: Path, device: str | None = None) -> tuple[TorchEngine, Model
         mean=model.mean,
         std=model.std,
         threshold=run_threshold(run_dir),
-        temperatures=run_temperatures(run_dir),
+        temperatures=read_temperature(run_dir),
         details=run_card(run_dir),
     )
     return TorchEngine(model, device), spec

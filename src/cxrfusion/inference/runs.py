@@ -9,12 +9,10 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cxrfusion.data.split import read_split
 from cxrfusion.errors import CxrError
-from cxrfusion.labels import LABELS
 from cxrfusion.training.config import TrainConfig
 from cxrfusion.training.module import CxrClassifier
 
@@ -75,26 +73,6 @@ def _check_checkpoint(checkpoint: Path) -> None:
 
 
 DEFAULT_THRESHOLD = 0.1  # the report's review threshold on the uncertainty score
-TEMPERATURE_FILE = "temperature.json"
-
-
-def run_temperatures(run_dir: Path) -> np.ndarray | None:
-    """Per-class temperatures (14,) saved by `evaluate --temperature-scale`, or None.
-
-    The file `<run>/temperature.json` maps each label to its temperature; every label must be
-    there, and every temperature must be a positive number.
-    """
-    path = Path(run_dir) / TEMPERATURE_FILE
-    if not path.exists():
-        return None
-    try:
-        values = json.loads(path.read_text())
-        temperatures = np.array([float(values[label]) for label in LABELS])
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise CxrError(f"{path}: not a label -> temperature mapping ({error})") from None
-    if not np.all(np.isfinite(temperatures) & (temperatures > 0)):
-        raise CxrError(f"{path}: temperatures must be positive numbers")
-    return temperatures
 
 
 def run_threshold(run_dir: Path) -> float:

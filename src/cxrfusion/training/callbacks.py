@@ -6,16 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib
+import pandas as pd
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from lightning.pytorch.callbacks import EarlyStopping  # noqa: E402
-from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
-
-from cxrfusion.atomic import atomic_path, write_atomic  # noqa: E402
-from cxrfusion.data.figures import save_figure  # noqa: E402
+from cxrfusion.atomic import atomic_path, write_atomic
+from cxrfusion.training.curves import plot_loss_curves
 
 
 class TwoPhaseTraining(L.Callback):
@@ -78,25 +74,6 @@ class EpochMetrics(L.Callback):
         history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
         write_atomic(path, history.to_csv(index=False))
         plot_loss_curves(history, self.run_dir / "loss_curves.png")
-
-
-def plot_loss_curves(history: pd.DataFrame, path: Path) -> Path:
-    """Training and validation loss, and validation macro AUC, per epoch (the report's Figure 6)."""
-    figure, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for column, label in (("train_loss", "training"), ("val_loss", "validation")):
-        if column in history:
-            loss_ax.plot(history["epoch"] + 1, history[column], marker="o", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
-    loss_ax.legend()
-    if "val_auc_macro" in history:
-        auc_ax.plot(history["epoch"] + 1, history["val_auc_macro"], marker="o", color="C2")
-    auc_ax.set(xlabel="epoch", ylabel="macro ROC-AUC", title="Validation macro ROC-AUC")
-    if "phase" in history and (history["phase"] == 2).any() and (history["phase"] == 1).any():
-        switch = history.loc[history["phase"] == 2, "epoch"].min() + 0.5
-        for ax in (loss_ax, auc_ax):
-            ax.axvline(switch, color="grey", linestyle="--", linewidth=1)
-            ax.text(switch, ax.get_ylim()[1], " phase 2", va="top", fontsize=8, color="grey")
-    return save_figure(figure, path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

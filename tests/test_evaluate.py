@@ -1,0 +1,132 @@
+"""The evaluate pipeline on a trained MC-dropout run: what metrics.json, the report and the run
+directory hold, and that an evaluation folder appears complete or not at all."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score
+
+from cxrfusion.data.nih import DEMOGRAPHIC_COLUMNS
+from cxrfusion.evaluation import evaluate as pipeline
+from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
+from cxrfusion.evaluation.temperature import read_temperature
+from cxrfusion.labels import LABELS
+
+QUICK = dict(bootstrap=100, examples=1, mc_samples=5)
+
+
+@pytest.fixture(scope="module")
+def run(mc_dropout_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shared trained run: evaluations here write temperature.json into it."""
+    copy = tmp_path_factory.mktemp("evaluate") / "mc_dropout"
+    return Path(shutil.copytree(mc_dropout_run, copy, ignore=shutil.ignore_patterns("eval_*")))
+
+
+@pytest.fixture(scope="module")
+def scaled(run: Path) -> Path:
+    """The test split evaluated with temperature scaling (shared by the tests that read it)."""
+    return evaluate(run, options=EvaluateOptions(temperature_scale=True, **QUICK))
+
+
+def test_metrics_hold_auprc_with_prevalence_as_its_baseline(scaled: Path) -> None:
+    metrics = json.loads((scaled / "metrics.json").read_text())
+    predictions = pd.read_csv(scaled / "predictions.csv")
+    for label in LABELS:
+        truth, entry = predictions[f"true_{label}"], metrics["auprc"]["classes"][label]
+        assert entry["prevalence"] == pytest.approx(truth.mean())
+        if truth.any():
+            expected = average_precision_score(truth, predictions[label])
+            assert entry["auprc"] == pytest.approx(expected, abs=2e-3)  # csv keeps 6 digits
+    assert metrics["auc"]["macro"]["n_valid"] <= metrics["auc"]["n_resamples"] == 100
+
+
+def test_operating_points_are_chosen_on_validation(scaled: Path) -> None:
+    points = json.loads((scaled / "metrics.json").read_text())["operating_points"]
+    defined = [e for e in points["classes"].values() if e["youden"]["threshold"] is not None]
+    assert len(defined) >= 10
+    for entry in defined:
+        assert entry["sensitivity_target"]["val_sensitivity"] >= 0.9
+        # The 90 % point is the highest threshold reaching it, so never above Youden's when
+        # Youden's sensitivity is below 90 %.
+        if entry["youden"]["val_sensitivity"] < 0.9:
+            assert entry["sensitivity_target"]["threshold"] < entry["youden"]["threshold"]
+
+
+def test_subgroup_aucs_cover_sex_age_band_and_view(scaled: Path) -> None:
+    metrics = json.loads((scaled / "metrics.json").read_text())
+    subgroups, images = metrics["subgroups"], metrics["counts"]["images"]
+    assert set(subgroups["sex"]) == {"F", "M"} and set(subgroups["view"]) == {"AP", "PA"}
+    for kind in ("sex", "view"):
+        assert sum(g["images"] for g in subgroups[kind].values()) == images
+    assert set(subgroups["age"]) <= {"<40", "40-59", "60-79", "80+"}
+    report = (scaled / "report.md").read_text()
+    assert "## Subgroups" in report and "| sex F |" in report and "## Operating points" in report
+
+
+def test_temperatures_are_saved_in_the_run_and_reliability_shows_before_and_after(
+    scaled: Path,
+) -> None:
+    metrics = json.loads((scaled / "metrics.json").read_text())
+    saved = read_temperature(scaled.parent)
+    np.testing.assert_allclose(saved, [metrics["temperature"][label] for label in LABELS])
+    record = json.loads((scaled.parent / "temperature.json").read_text())
+    assert record["fitted_on"]["fitted_on"] == "val" and record["fitted_on"]["mc_samples"] == 5
+    assert set(metrics["calibration_before_temperature"]) == {"ECE", "Brier", "NLL"}
+    assert metrics["notes"] == []
+    html = (scaled / "report.html").read_text()
+    assert "after temperature scaling" in html
+
+
+def test_evaluating_the_split_temperatures_were_fitted_on_warns_and_replaces_the_old_folder(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "eval_val"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older evaluation")
+    options = EvaluateOptions(split="val", temperature_scale=True, **QUICK)
+    with caplog.at_level(logging.WARNING):
+        evaluate(run, out, options)
+    assert any("fitted on the val split" in r.getMessage() for r in caplog.records)
+    notes = json.loads((out / "metrics.json").read_text())["notes"]
+    assert any("fitted on the val split" in note for note in notes)
+    assert "fitted on the val split" in (out / "report.md").read_text()
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_val"]
+
+
+def test_a_failed_evaluation_leaves_no_folder_behind_and_the_old_one_intact(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(pipeline, "evaluation_figures", broken)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        evaluate(run, tmp_path / "new", EvaluateOptions(**QUICK))
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        evaluate(run, old, EvaluateOptions(**QUICK))
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert (old / "metrics.json").read_text() == "{}"
+
+
+def test_a_split_without_demographic_columns_skips_subgroups_with_a_note(
+    run: Path, tmp_path: Path
+) -> None:
+    older = Path(shutil.copytree(run, tmp_path / "older_run"))
+    split = pd.read_csv(older / "split.csv")
+    split.drop(columns=list(DEMOGRAPHIC_COLUMNS)).to_csv(older / "split.csv", index=False)
+    out = evaluate(older, tmp_path / "eval", EvaluateOptions(split="val", **QUICK))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["subgroups"] == {} and "subgroups skipped" in metrics["subgroups_note"]
+    assert "subgroups skipped" in (out / "report.md").read_text()
