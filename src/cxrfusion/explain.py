@@ -12,18 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
-import matplotlib
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from pytorch_grad_cam import GradCAM  # noqa: E402
-from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cxrfusion.data.figures import save_figure  # noqa: E402
+from cxrfusion.plotting import new_figure, save_figure
 
 
 @contextmanager
@@ -120,8 +116,8 @@ def save_gradcam_figure(
     if missing:
         raise ValueError(f"no probability for {sorted(missing)}")
     labels = sorted(heatmaps, key=lambda label: -probs[label])
-    figure, axes = plt.subplots(1, len(labels) + 1, figsize=(3.2 * (len(labels) + 1), 3.6))
-    axes = np.atleast_1d(axes)
+    figure = new_figure((3.2 * (len(labels) + 1), 3.6))
+    axes = np.atleast_1d(figure.subplots(1, len(labels) + 1))
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("radiograph", fontsize=9)
     for ax, label in zip(axes[1:], labels, strict=True):

@@ -72,7 +72,7 @@ def example_figures(
     count: int,
 ) -> dict[str, Path]:
     """The prediction grid and a Grad-CAM figure of the `count` most and least uncertain images."""
-    # Imported here: explain.py still selects matplotlib's backend when imported.
+    # Imported here: pytorch-grad-cam is only needed when Grad-CAM figures are drawn.
     from cxrfusion.evaluation.predictions import model_input
     from cxrfusion.explain import gradcam, save_gradcam_figure
 
