@@ -88,7 +88,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-config-bad-augmentation", [*TRAIN, "--config", "augment.yaml"], "flip"),
     ("train-missing-prepared-folder", ["train", "--prepared", "nowhere"], "split.csv"),
     ("train-missing-data-folder", ["train", "--data", "nowhere"], "nowhere"),
-    ("train-resume-without-run", [*TRAIN, "--resume", "--out", "fresh"], "last.ckpt"),
+    ("train-resume-without-run", [*TRAIN, "--resume", "--out", "fresh"], "no run to resume"),
     ("evaluate-without-run", ["evaluate"], "--run"),
     ("evaluate-missing-run", ["evaluate", "--run", "nowhere"], "nowhere"),
     ("evaluate-run-without-checkpoint", ["evaluate", "--run", "run_empty"], "best.ckpt"),
