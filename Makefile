@@ -50,6 +50,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/mc_dropout.py
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/patient_tests.py
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

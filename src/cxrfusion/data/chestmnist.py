@@ -204,7 +204,7 @@ def write_cache(path: Path, out: Path, names: list[str], size: int, progress: bo
     partial = out / f".images_{size}.partial.npy"
     images = np.lib.format.open_memmap(partial, "w+", np.uint8, (len(names), size, size))
     row = 0
-    with tqdm(total=len(names), desc="image cache", disable=not progress) as bar:
+    with tqdm(total=len(names), desc="image cache", disable=None if progress else True) as bar:
         for split in SPLITS:
             for chunk in _image_chunks(path, f"{split}_images"):
                 side = chunk.shape[1]

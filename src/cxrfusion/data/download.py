@@ -194,7 +194,7 @@ def download_nih(
         unit_scale=True,
         unit_divisor=1024,
         desc="download",
-        disable=not progress,
+        disable=None if progress else True,
     )
     fetcher = _Fetcher(out, base_url, from_dir, keep_archives, retries, bar)
     try:

@@ -132,7 +132,7 @@ def synthesize(out: Path, n: int = 2000, seed: int = 0, size: int = 256, workers
 def _write_images(tasks: list[tuple], workers: int) -> None:
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         done = pool.map(_write_image, tasks, chunksize=32) if pool else map(_write_image, tasks)
-        for _ in tqdm(done, total=len(tasks), desc="phantoms", unit="img"):
+        for _ in tqdm(done, total=len(tasks), desc="phantoms", unit="img", disable=None):
             pass
 
 

@@ -45,7 +45,9 @@ def predict_sample_logits(
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = []
-    for batch, (images, _, _) in enumerate(tqdm(loader, desc="MC dropout", unit="batch")):
+    for batch, (images, _, _) in enumerate(
+        tqdm(loader, desc="MC dropout", unit="batch", disable=None)
+    ):
         logits = mc_dropout_logits(model, model_input(model, images), samples, mode, seed + batch)
         out.append(logits.float().cpu().numpy())
     return np.concatenate(out, axis=1)

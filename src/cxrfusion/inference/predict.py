@@ -102,7 +102,7 @@ def predict_files(
         raise CxrError(f"nothing to predict: {reason}")
     result = PredictResult(Predictions(), failures)
     rng = np.random.default_rng(classifier.seed)
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=None if progress else True)
     for batch in _prepared_batches(classifier, files, batch_size, result.failures):
         result.predictions.extend(classifier.predict_prepared(batch, rng, gradcam))
         bar.update(len(batch))
