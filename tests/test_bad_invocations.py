@@ -44,7 +44,7 @@ CASES: list[tuple[str, list[str], str]] = [
         ["prepare", "--data", "d", "--out", "o", "--patient-fraction", "0"],
         "--patient-fraction",
     ),
-    ("prepare-tiny-cache", ["prepare", "--data", "d", "--out", "o", "--size", "16"], "--size"),
+    ("prepare-tiny-cache", ["prepare", "--data", "d", "--out", "o", "--size", "8"], "--size"),
     (
         "prepare-zero-workers",
         ["prepare", "--data", "d", "--out", "o", "--workers", "0"],
