@@ -93,7 +93,7 @@ def test_a_npz_without_an_array_is_one_line_naming_the_file(tmp_path, capsys):
     _write_npz(npz, drop="val_labels")
     assert main(["prepare", "--data", str(npz), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
-    assert error == f"cxrfusion: error: {npz}: no 'val_labels' array (not a MedMNIST npz)\n"
+    assert error == f"cxrfusion prepare: error: {npz}: no 'val_labels' array (not a MedMNIST npz)\n"
     assert not (tmp_path / "out" / "split.csv").exists()
 
 

@@ -342,6 +342,6 @@ def test_cli_fetches_the_real_metadata_with_its_published_checksums(server, tmp_
     assert main([*args, "--base-url", server.url]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     size = len(server.files["test_list.txt"])
-    assert error.startswith("cxrfusion: error: ")
+    assert error.startswith("cxrfusion download: error: ")
     assert error.endswith(f"test_list.txt has {size:,} bytes, expected 435,131")
     assert not (tmp_path / "nih" / "test_list.txt").exists()

@@ -48,7 +48,7 @@ def test_a_folder_with_one_corrupt_file_predicts_the_others_and_exits_2(
     lines = _stderr_lines(capsys)
     naming = [line for line in lines if "broken.png" in line]
     assert len(naming) == 1 and "truncated" in naming[0]
-    assert lines[-1] == "cxrfusion: error: 1 of 5 input(s) could not be predicted"
+    assert lines[-1] == "cxrfusion predict: error: 1 of 5 input(s) could not be predicted"
     table = pd.read_csv(out / "predictions.csv")
     assert sorted(Path(s).name for s in table["source"]) == sorted(
         p.name for p in folder.rglob("*.png") if p.name != "broken.png"

@@ -413,5 +413,6 @@ def test_cli_serve_refuses_a_bad_option_in_one_line(mc_dropout_run):
     result = subprocess.run(command + ["--queue", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert (
-        result.stderr.strip() == "cxrfusion: error: queue size (--queue) must be at least 1, got 0"
+        result.stderr.strip()
+        == "cxrfusion serve: error: queue size (--queue) must be at least 1, got 0"
     )

@@ -131,7 +131,8 @@ def _prepare(args: argparse.Namespace) -> None:
         labels_only=args.labels_only,
         skip_missing=args.skip_missing,
     )
-    if not args.data.is_dir():
+    chestmnist = str(args.data).startswith("chestmnist") or args.data.suffix == ".npz"
+    if not (args.data.is_dir() or chestmnist):
         raise CxrError(f"{args.data}: no such data folder (--data)")
     from cxrfusion.data.prepare import prepare  # after the cheap checks: it loads pandas, torch
 
@@ -657,7 +658,7 @@ def _predict(args: argparse.Namespace) -> None:
         progress=sys.stderr.isatty(),
     )
     for _, reason in result.failures:
-        print(f"cxrfusion: skipped {reason}", file=sys.stderr)
+        print(f"cxrfusion predict: skipped {reason}", file=sys.stderr)
     flagged = sum(p.flag for p in result.predictions)
     print(
         f"predicted {len(result.predictions)} image(s), {flagged} flagged for review; "
@@ -724,7 +725,10 @@ def _serve(args: argparse.Namespace) -> None:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {args.run} at http://{shown}:{args.port}/ (Ctrl-C stops)")
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
-        print("cxrfusion: warning: listening beyond this machine without --token", file=sys.stderr)
+        print(
+            "cxrfusion serve: warning: listening beyond this machine without --token",
+            file=sys.stderr,
+        )
     serve(create_app(classifier, settings), host=args.host, port=args.port)
 
 
