@@ -20,7 +20,7 @@ from cxrfusion.data.split import read_split, write_split
 from cxrfusion.evaluation.calibration import apply_temperature, fit_temperature, nll
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
 from cxrfusion.evaluation.predictions import predict_logits
-from cxrfusion.inference import load_run
+from cxrfusion.inference.runs import load_run
 from cxrfusion.labels import LABELS
 from cxrfusion.training.config import TrainConfig
 from cxrfusion.training.fit import best_epoch, train

@@ -35,7 +35,7 @@ from cxrfusion.evaluation.referral import referral_curve
 from cxrfusion.evaluation.report import Section, auc_table, calibration_table, write_report
 from cxrfusion.evaluation.uncertainty import summarise_samples
 from cxrfusion.explain import gradcam, save_gradcam_figure
-from cxrfusion.inference import load_run, resolve_checkpoint
+from cxrfusion.inference.runs import load_run, resolve_checkpoint
 from cxrfusion.labels import LABELS
 
 log = logging.getLogger(__name__)
