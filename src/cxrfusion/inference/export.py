@@ -171,9 +171,10 @@ def export_model(
             CPU in float32, the given one is left as it is.
         out: the export folder to create; a previous export there (a folder holding
             model.json) is replaced, any other non-empty folder is an error.
-        metadata: run facts for model.json (labels, input_size, threshold, ...).
-        sample: normalised images (B, 3, H, W) for the parity check; B >= 2 also checks that
-            the graphs accept another batch size than the one traced.
+        metadata: run facts for model.json (labels, threshold, ...).
+        sample: normalised square images (B, 3, S, S) at the model input size S (the size the
+            graphs are traced at) for the parity check; B >= 2 also checks that the graphs
+            accept another batch size than the traced 1.
         opset: ONNX opset version.
         tolerance: the largest absolute difference accepted between ONNX Runtime and PyTorch.
 
@@ -203,6 +204,7 @@ def export_model(
         metadata = {
             **metadata,
             "format": FORMAT_VERSION,
+            "input_size": int(sample.shape[-1]),
             "num_features": model.num_features,
             "dropout": [asdict(layer) for layer in head.layers],
             "files": {"features": FEATURES_ONNX, "head": HEAD_ONNX},
@@ -357,7 +359,6 @@ def export_run(
     metadata = {
         "model": config.model,
         "labels": list(LABELS),
-        "input_size": config.input_size,
         "cache_size": config.cache_size,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "threshold": run_threshold(run),
