@@ -19,6 +19,7 @@ typical use:
   cxrfusion train --prepared runs/prepared --model fusion --out runs/fusion
   cxrfusion evaluate --run runs/fusion                      # AUC with CIs, MC dropout, report.html
   cxrfusion compare runs/simple_cnn runs/fusion             # the report's Table 2 + DeLong tests
+  cxrfusion predict --run runs/fusion scans/ --out preds    # probabilities, uncertainty, review flag
 Run `cxrfusion COMMAND --help` for the options of each command."""
 
 
@@ -375,6 +376,73 @@ def _compare(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(f) for f in files))
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict PNG/JPEG/DICOM files with a trained run",
+        description="Predict radiographs (files, folders searched recursively, glob patterns) with "
+        "a trained run: per pathology the MC-dropout mean probability and std, the uncertainty "
+        "score and the review flag, in predictions.csv and predictions.json (and Grad-CAM "
+        "overlays with --gradcam). Each image goes through exactly the preprocessing the model "
+        "was trained on. An unreadable file is reported on one line and skipped; the exit status "
+        "is 2 when any file failed.",
+        epilog="example: cxrfusion predict --run runs/fusion scans/ 'more/*.dcm' --out preds",
+    )
+    p.add_argument("--run", type=Path, required=True, help="run directory (uses its best.ckpt)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument(
+        "--out", type=Path, default=Path("predictions"), help="output folder (default predictions)"
+    )
+    p.add_argument("--mc-samples", type=int, default=25, help="MC-dropout passes T (default 25)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="flag images whose uncertainty exceeds this (default: the run's evaluated "
+        "threshold, else 0.1)",
+    )
+    p.add_argument("--gradcam", action="store_true", help="write Grad-CAM overlays")
+    p.add_argument("--batch-size", type=int, default=32, help="images per pass (default 32)")
+    p.add_argument(
+        "--engine",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch: the run's checkpoint (default); onnx: its `cxrfusion export`",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default 0)")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from cxrfusion.inference.classifier import Classifier
+    from cxrfusion.inference.predict import predict_files
+
+    classifier = Classifier.load(
+        args.run,
+        engine=args.engine,
+        mc_samples=args.mc_samples,
+        threshold=args.threshold,
+        seed=args.seed,
+    )
+    result = predict_files(
+        classifier,
+        args.inputs,
+        args.out,
+        args.batch_size,
+        args.gradcam,
+        progress=sys.stderr.isatty(),
+    )
+    for _, reason in result.failures:
+        print(f"cxrfusion: skipped {reason}", file=sys.stderr)
+    flagged = sum(p.flag for p in result.predictions)
+    print(
+        f"predicted {len(result.predictions)} image(s), {flagged} flagged for review; "
+        f"results in {args.out / 'predictions.csv'} and {args.out / 'predictions.json'}"
+    )
+    if result.failures:
+        total = len(result.failures) + len(result.predictions)
+        raise CxrError(f"{len(result.failures)} of {total} input(s) could not be predicted")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -409,6 +477,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_train,
     _add_evaluate,
     _add_compare,
+    _add_predict,
     _add_export,
 )
 

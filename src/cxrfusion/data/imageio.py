@@ -1,19 +1,23 @@
 """Decode user-facing image files (PNG, JPEG, DICOM) into 8-bit grayscale arrays.
 
-Every input the toolkit accepts passes through `read_image`, so this is where untrusted files are
-met: sizes are checked from the header before any pixel is decoded (decompression bombs), and every
-problem with the file becomes one `CxrError` line naming the file. Conversions to 8-bit grayscale
-are deliberate and documented per input kind in `read_image`.
+Every input the toolkit accepts passes through `read_image` (files) or `read_radiograph` (files or
+uploaded bytes), so this is where untrusted files are met: sizes are checked from the header before
+any pixel is decoded (decompression bombs), and every problem with the file becomes one `CxrError`
+line naming the file. Conversions to 8-bit grayscale are deliberate and documented per input kind
+in `read_image`. Compressed DICOM (JPEG Lossless, JPEG-LS, JPEG 2000, RLE) decodes through
+pydicom's pixel-data plugins (pylibjpeg with its libjpeg and openjpeg backends; RLE natively).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import stat
 import struct
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +43,39 @@ _HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
 _DICOM_PREAMBLE_LENGTH = 128
 # What Pillow raises for damaged files once the header was identified.
 _PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
-# What pydicom raises for damaged or unsupported files (it has no single base class).
+# What pydicom raises for damaged or unsupported files (it has no single base class). Not
+# AttributeError/TypeError: the elements whose absence pydicom reports that way are checked first
+# (`_check_dicom_header`), so those two stay what they are elsewhere, bugs with a traceback.
 _DICOM_ERRORS = (
     InvalidDicomError,
     OSError,
     EOFError,
     ValueError,
     KeyError,
-    AttributeError,
-    TypeError,
     NotImplementedError,
     RuntimeError,
     struct.error,
 )
+# Elements pixel decoding needs; pydicom reports their absence as an AttributeError.
+_DICOM_REQUIRED = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
+# Projections of a frontal chest radiograph; anything else (LL, RL, LATERAL, ...) is another view.
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
 _MAX_DETAIL_CHARS = 200
+Source = Path | io.BytesIO  # a checked file, or an upload's bytes
+
+
+@dataclass(frozen=True)
+class Radiograph:
+    """A decoded radiograph and what its header says about trusting a chest model on it.
+
+    Attributes:
+        pixels: writable C-contiguous uint8 array (H, W), as `read_image` returns.
+        warning: "" or why a frontal-chest model may not apply (e.g. a DICOM whose ViewPosition
+            is LL, or whose BodyPartExamined is not CHEST).
+    """
+
+    pixels: np.ndarray
+    warning: str = ""
 
 
 def read_image(path: Path | str) -> np.ndarray:
@@ -83,7 +106,32 @@ def read_image(path: Path | str) -> np.ndarray:
         CxrError: the file is missing, empty, not a PNG/JPEG/DICOM image, truncated, corrupt,
             too large or too small. The message is one line starting with the path.
     """
-    return np.array(_decode(Path(path)))
+    return read_radiograph(path).pixels
+
+
+def read_radiograph(source: Path | str | bytes, name: str = "upload") -> Radiograph:
+    """Decode a file, or the bytes of one (an upload), into a `Radiograph`.
+
+    Same formats, checks and conversions as `read_image`; DICOM headers are also read for a
+    warning when they describe something other than a frontal chest view.
+
+    Args:
+        source: a path, or the whole file's bytes.
+        name: what error messages call bytes (the upload's name); paths name themselves. It is
+            only used in messages, never as a file name.
+
+    Raises:
+        CxrError: as `read_image`, the message starting with the path or `name`.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        if not data:
+            raise CxrError(f"{name}: empty file (0 bytes)")
+        dicom = Path(name).suffix.lower() in DICOM_SUFFIXES or _has_dicom_marker(data)
+        return _decode(io.BytesIO(data), name, dicom)
+    path = Path(source)
+    _check_regular_nonempty_file(path)
+    return _decode(path, path, _is_dicom(path))
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -127,7 +175,11 @@ def read_resized(path: Path | str, size: int) -> np.ndarray:
     Raises:
         CxrError: as `read_image`.
     """
-    return np.array(_resize(_decode(Path(path)), size))
+    path = Path(path)
+    _check_regular_nonempty_file(path)
+    if _is_dicom(path):
+        return np.array(_resize(Image.fromarray(_read_dicom(path, path)[0]), size))
+    return np.array(_resize(_read_pil(path, path), size))
 
 
 def check_image(path: Path | str) -> None:
@@ -151,12 +203,12 @@ def check_image(path: Path | str) -> None:
         _check_size(path, *img.size)
 
 
-def _decode(path: Path) -> Image.Image:
-    """Decode to a Pillow image in mode L (what both public readers share)."""
-    _check_regular_nonempty_file(path)
-    if _is_dicom(path):
-        return Image.fromarray(_read_dicom(path))
-    return _read_pil(path)
+def _decode(source: Source, label: Path | str, dicom: bool) -> Radiograph:
+    """Decode a checked file or an in-memory one; `label` names it in messages."""
+    if dicom:
+        pixels, warning = _read_dicom(source, label)
+        return Radiograph(pixels, warning)
+    return Radiograph(np.array(_read_pil(source, label)))
 
 
 def _resize(image: Image.Image, size: int) -> Image.Image:
@@ -186,10 +238,14 @@ def _is_dicom(path: Path) -> bool:
             head = handle.read(_DICOM_PREAMBLE_LENGTH + 4)
     except OSError as exc:
         raise CxrError(f"{path}: cannot read file ({exc.strerror})") from exc
-    return head[_DICOM_PREAMBLE_LENGTH:] == b"DICM"
+    return _has_dicom_marker(head)
 
 
-def _check_size(path: Path, width: int, height: int) -> None:
+def _has_dicom_marker(head: bytes) -> bool:
+    return head[_DICOM_PREAMBLE_LENGTH : _DICOM_PREAMBLE_LENGTH + 4] == b"DICM"
+
+
+def _check_size(path: Path | str, width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise CxrError(
             f"{path}: image too large: {width}x{height} pixels exceeds the limit of "
@@ -201,7 +257,7 @@ def _check_size(path: Path, width: int, height: int) -> None:
         )
 
 
-def _read_pil(path: Path) -> Image.Image:
+def _read_pil(source: Source, path: Path | str) -> Image.Image:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # A global Pillow switch: when set, truncated files decode silently with grey padding.
         raise RuntimeError(
@@ -209,14 +265,14 @@ def _read_pil(path: Path) -> Image.Image:
             "cxrfusion needs it False to detect truncated images"
         )
     # Image.open reads only the header, so the size check runs before any allocation.
-    with _pil_errors(path), Image.open(path, formats=_PIL_FORMATS) as img:
+    with _pil_errors(path), Image.open(source, formats=_PIL_FORMATS) as img:
         _check_size(path, *img.size)
         img.load()
         return _pil_to_gray(path, img)
 
 
 @contextmanager
-def _pil_errors(path: Path) -> Iterator[None]:
+def _pil_errors(path: Path | str) -> Iterator[None]:
     """Turn Pillow's exceptions for bad files into one-line CxrErrors."""
     try:
         yield
@@ -231,20 +287,21 @@ def _pil_errors(path: Path) -> Iterator[None]:
         raise CxrError(f"{path}: truncated or corrupt image ({_one_line(exc)})") from exc
 
 
-def _pil_to_gray(path: Path, img: Image.Image) -> Image.Image:
+def _pil_to_gray(path: Path | str, img: Image.Image) -> Image.Image:
     if img.mode == "L":
         return img
     if img.mode in _HIGH_BIT_DEPTH_MODES:
         logger.debug("%s: stretching %s pixel range to 8 bits", path, img.mode)
-        return Image.fromarray(_minmax_to_uint8(np.asarray(img)))
+        return Image.fromarray(minmax_to_uint8(np.asarray(img)))
     logger.debug("%s: converting %s image to grayscale (alpha dropped)", path, img.mode)
     return img.convert("L")
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(source: Source, path: Path | str) -> tuple[np.ndarray, str]:
+    """Pixels as uint8 (H, W), and the view warning of the header ("" if none)."""
     try:
         # Large elements (the pixel data) stay on disk until the header has been checked.
-        dataset = pydicom.dcmread(path, defer_size="64 KB")
+        dataset = pydicom.dcmread(source, defer_size="64 KB")
         photometric = _check_dicom_header(path, dataset)
     except _DICOM_ERRORS as exc:
         raise CxrError(f"{path}: not a readable DICOM file ({_one_line(exc)})") from exc
@@ -256,22 +313,46 @@ def _read_dicom(path: Path) -> np.ndarray:
         ) from exc
     if pixels.ndim != 2:
         raise CxrError(f"{path}: DICOM pixel data has shape {pixels.shape}, expected one 2-D frame")
-    gray = _minmax_to_uint8(pixels)
-    return 255 - gray if photometric == "MONOCHROME1" else gray
+    gray = minmax_to_uint8(pixels)
+    return (255 - gray if photometric == "MONOCHROME1" else gray), _view_warning(dataset)
 
 
-def _check_dicom_header(path: Path, dataset: pydicom.Dataset) -> str:
+def _view_warning(dataset: pydicom.Dataset) -> str:
+    """Why the header says this is not a frontal chest radiograph ("" when it does not)."""
+    reasons = []
+    view = str(dataset.get("ViewPosition", "") or "").strip().upper()
+    if view and view not in FRONTAL_VIEWS:
+        reasons.append(f"DICOM ViewPosition {view}: not a frontal chest view")
+    part = str(dataset.get("BodyPartExamined", "") or "").strip().upper()
+    if part and part != "CHEST":
+        reasons.append(f"DICOM BodyPartExamined {part}: not a chest radiograph")
+    return "; ".join(reasons)
+
+
+def _int_element(path: Path | str, dataset: pydicom.Dataset, keyword: str, default: int) -> int:
+    """An integer header element, or a CxrError naming it when its value is not one number."""
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise CxrError(f"{path}: DICOM {keyword} is not an integer ({value!r})") from exc
+
+
+def _check_dicom_header(path: Path | str, dataset: pydicom.Dataset) -> str:
     """Validate what decoding needs; return the photometric interpretation."""
     if "PixelData" not in dataset:
         raise CxrError(f"{path}: DICOM file holds no image (no PixelData element; truncated?)")
-    rows, columns = dataset.get("Rows"), dataset.get("Columns")
-    if rows is None or columns is None:
-        raise CxrError(f"{path}: DICOM file lacks Rows/Columns")
-    _check_size(path, int(columns), int(rows))
-    samples = int(dataset.get("SamplesPerPixel") or 1)
+    missing = [keyword for keyword in _DICOM_REQUIRED if dataset.get(keyword) is None]
+    if missing:
+        raise CxrError(f"{path}: DICOM file lacks {'/'.join(missing)}")
+    rows, columns = (_int_element(path, dataset, k, 0) for k in ("Rows", "Columns"))
+    _check_size(path, columns, rows)
+    samples = _int_element(path, dataset, "SamplesPerPixel", 1)
     if samples != 1:
         raise CxrError(f"{path}: colour DICOM ({samples} samples per pixel) is not supported")
-    frames = int(dataset.get("NumberOfFrames") or 1)
+    frames = _int_element(path, dataset, "NumberOfFrames", 1)
     if frames > 1:
         raise CxrError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
     photometric = str(dataset.get("PhotometricInterpretation", ""))
@@ -283,7 +364,7 @@ def _check_dicom_header(path: Path, dataset: pydicom.Dataset) -> str:
     return photometric
 
 
-def _minmax_to_uint8(pixels: np.ndarray) -> np.ndarray:
+def minmax_to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Stretch pixels linearly from their own min..max to 0..255; a constant image gives 0."""
     low, high = float(pixels.min()), float(pixels.max())
     if high == low:

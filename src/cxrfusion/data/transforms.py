@@ -1,8 +1,13 @@
-"""From cached uint8 images to model input: the report's augmentations, resize, ImageNet normalisation.
+"""From uint8 images to model input: the report's augmentations, the resize, the model's normalisation.
 
 The loader stays in uint8 (one OpenCV warp per image applies flip, rotation, zoom and the resize to the
 model's input together); `normalize` turns a uint8 batch into 3-channel float input on the device,
 which moves a quarter of the bytes to the GPU and keeps the loader far above 1,000 images/s per core.
+
+There is one deterministic path from a decoded image to model input, `preprocess`: the cache's
+resize (`imageio.resize_square`, what `prepare` stored), then `resize`, which is the training warp at
+identity (no flip, rotation, zoom or brightness change), so validation, evaluation and inference see
+exactly what training sees with augmentation off: no train/serve skew.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import cv2
 import numpy as np
 import torch
 
+from cxrfusion.data.imageio import resize_square
 from cxrfusion.data.options import Augmentation
 from cxrfusion.errors import CxrError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+Triple = tuple[float, float, float]
+IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
+IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads would fight them
 
 
@@ -40,42 +47,79 @@ def augment(images: np.ndarray, size: int, augmentation: Augmentation) -> np.nda
     draws = torch.rand(len(images), 4, dtype=torch.float64).numpy() * 2 - 1
     out = np.empty((len(images), size, size), dtype=np.uint8)
     for image, (u_angle, u_zoom, u_flip, u_bright), target in zip(images, draws, out, strict=True):
-        matrix = _warp_matrix(
-            image.shape[-1],
-            size,
+        _warp(
+            image,
+            target,
             angle=u_angle * math.radians(augmentation.rotate_deg),
             scale=1 + u_zoom * augmentation.zoom,
             flip=(u_flip + 1) / 2 < augmentation.flip,
+            brightness=1 + u_bright * augmentation.brightness,
         )
-        cv2.warpAffine(image, matrix, (size, size), dst=target, flags=cv2.INTER_LINEAR)
-        cv2.convertScaleAbs(target, dst=target, alpha=1 + u_bright * augmentation.brightness)
     return out
 
 
+def _warp(
+    image: np.ndarray, target: np.ndarray, angle: float, scale: float, flip: bool, brightness: float
+) -> None:
+    """The one geometric + intensity transform, written into `target` (size, size)."""
+    size = target.shape[-1]
+    matrix = _warp_matrix(image.shape[-1], size, angle, scale, flip)
+    cv2.warpAffine(image, matrix, (size, size), dst=target, flags=cv2.INTER_LINEAR)
+    cv2.convertScaleAbs(target, dst=target, alpha=brightness)
+
+
 def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 batch (B, S, S) to (B, size, size) without augmentation (evaluation)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return np.ascontiguousarray(images)
-    return np.stack([cv2.resize(i, (size, size), interpolation=cv2.INTER_AREA) for i in images])
+    """Resize a uint8 batch (B, S, S) to (B, size, size) without augmentation.
+
+    The training warp at identity (bilinear, about the centre), so that an image seen without
+    augmentation is pixel for pixel what `augment` makes of it with every range at zero.
+    """
+    out = np.empty((len(images), size, size), dtype=np.uint8)
+    for image, target in zip(images, out, strict=True):
+        _warp(image, target, angle=0.0, scale=1.0, flip=False, brightness=1.0)
+    return out
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 batch (B, 1, H, W) -> float (B, 3, H, W) normalised for ImageNet backbones."""
+def preprocess(image: np.ndarray, cache_size: int, input_size: int) -> np.ndarray:
+    """A decoded grayscale image (H, W) uint8 -> the uint8 (input_size, input_size) a model sees.
+
+    The same two resizes as training: the cache's (`prepare` stores `resize_square(image,
+    cache_size)`), then the loader's `resize` to the input side. Normalisation follows on the
+    device (`normalize`).
+
+    Args:
+        image: 2-D uint8 array, as `imageio.read_image` returns.
+        cache_size / input_size: the run's `cache_size` and `input_size` (its config.yaml).
+    """
+    return resize(resize_square(image, cache_size)[None], input_size)[0]
+
+
+def normalize(
+    images: torch.Tensor, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 batch (B, 1, H, W) -> float (B, 3, H, W) normalised with the model's `mean`/`std`.
+
+    Args:
+        mean / std: per-channel statistics on the 0..1 scale (`CxrModel.mean` / `.std`).
+    """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"expected uint8 (B, 1, H, W), got {images.dtype} {tuple(images.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean_t) / std_t
 
 
-def check_model_input(x: torch.Tensor) -> None:
-    """Refuse float input that was not normalised the way the models were trained.
+def check_model_input(
+    x: torch.Tensor, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGENET_STD
+) -> None:
+    """Refuse float input that was not normalised the way the model was trained.
 
     Silently wrong input ranges (0..255 floats, or un-normalised 0..1) are the most reported failure
-    of chest X-ray toolkits: they give confident nonsense. Normalised input lies in about [-2.2, 2.7].
+    of chest X-ray toolkits: they give confident nonsense. Input normalised with `mean`/`std` lies
+    in [(0 - max mean) / min std, (1 - min mean) / min std] (about [-2.2, 2.7] for ImageNet's).
     """
-    low = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD)
-    high = (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD)
+    low = (0 - max(mean)) / min(std)
+    high = (1 - min(mean)) / min(std)
     lo, hi = float(x.min()), float(x.max())
     if lo < low - 1e-3 or hi > high + 1e-3:
         raise CxrError(

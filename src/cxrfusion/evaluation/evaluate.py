@@ -189,10 +189,9 @@ def _figures(
     figures["grid"] = plots.plot_prediction_grid(
         images, truth, mean[picked], summary["std"][picked], out / "prediction_grid.png"
     )
-    device = next(model.parameters()).device
     for rank, position in enumerate(picked):
         image, _, _ = dataset[int(position)]
-        x = model_input(image.unsqueeze(0), device)
+        x = model_input(model, image.unsqueeze(0))
         best = np.argsort(-mean[position])[:3]
         heatmaps = {LABELS[c]: gradcam(model, x, int(c)) for c in best}
         probs = {LABELS[c]: float(mean[position, c]) for c in best}

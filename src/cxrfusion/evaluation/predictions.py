@@ -15,9 +15,10 @@ from cxrfusion.labels import LABELS
 from cxrfusion.models import CxrModel
 
 
-def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 batch from the loader -> normalised channels-last input on `device`."""
-    x = normalize(images.to(device, non_blocking=True))
+def model_input(model: CxrModel, images: torch.Tensor) -> torch.Tensor:
+    """uint8 batch from the loader -> input normalised for `model`, channels-last on its device."""
+    device = next(model.parameters()).device
+    x = normalize(images.to(device, non_blocking=True), model.mean, model.std)
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -38,11 +39,10 @@ def predict_samples(
         mode: "head" (backbone once, head T times) or "full" (T whole passes).
         seed: seeds the dropout masks of each batch, so a run repeats exactly.
     """
-    device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = []
     for batch, (images, _, _) in enumerate(tqdm(loader, desc="MC dropout", unit="batch")):
-        probs = mc_dropout_samples(model, model_input(images, device), samples, mode, seed + batch)
+        probs = mc_dropout_samples(model, model_input(model, images), samples, mode, seed + batch)
         out.append(probs.float().cpu().numpy())
     return np.concatenate(out, axis=1)
 
@@ -50,11 +50,10 @@ def predict_samples(
 @torch.inference_mode()
 def predict_logits(model: CxrModel, dataset: CachedXrayDataset, batch_size: int = 64) -> np.ndarray:
     """Deterministic logits (N, 14) with dropout off (used to fit temperatures)."""
-    device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.eval()
     return np.concatenate(
-        [model(model_input(x, device)).float().cpu().numpy() for x, _, _ in loader]
+        [model(model_input(model, x)).float().cpu().numpy() for x, _, _ in loader]
     )
 
 

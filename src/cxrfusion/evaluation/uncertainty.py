@@ -76,6 +76,21 @@ def mc_dropout_samples(
 ) -> torch.Tensor:
     """T stochastic sigmoid probabilities per image with dropout active and BatchNorm frozen.
 
+    The sigmoid of `mc_dropout_logits` (same arguments); returns (T, B, classes) on x's device.
+    """
+    return torch.sigmoid(mc_dropout_logits(model, x, samples, mode, seed))
+
+
+@torch.inference_mode()
+def mc_dropout_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    samples: int = 25,
+    mode: str = "head",
+    seed: int | None = None,
+) -> torch.Tensor:
+    """T stochastic logits per image with dropout active and BatchNorm frozen.
+
     The model's train/eval state is restored afterwards; BatchNorm running statistics and
     parameters are never touched.
 
@@ -89,7 +104,7 @@ def mc_dropout_samples(
             None draws from the global RNG.
 
     Returns:
-        Probabilities (T, B, classes), float, on x's device.
+        Logits (T, B, classes), float, on x's device.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -105,10 +120,10 @@ def mc_dropout_samples(
     with _seeded(seed, x.device), _sampling(model, dropouts):
         if mode == "head":
             logits = model.head(model.features(x).repeat(draws, 1))  # row t*B + b is image b
-            probs = torch.sigmoid(logits.view(draws, len(x), -1))
+            logits = logits.view(draws, len(x), -1)
         else:
-            probs = torch.stack([torch.sigmoid(model(x)) for _ in range(draws)])
-    return probs.expand(samples, -1, -1).contiguous()
+            logits = torch.stack([model(x) for _ in range(draws)])
+    return logits.expand(samples, -1, -1).contiguous()
 
 
 def _binary_entropy(p: np.ndarray) -> np.ndarray:

@@ -1,1 +1,2 @@
-"""Using a trained model: load a run, export it to ONNX, run it on ONNX Runtime."""
+"""Using a trained model: load a run (`runs`), the Python API (`classifier.Classifier`), engines that
+compute logits (`engines`), and the library side of `cxrfusion predict` (`predict`)."""

@@ -1,13 +1,18 @@
-"""Load a trained run for inference: `model, config = load_run("runs/fusion")`."""
+"""Load a trained run: `model, config = load_run("runs/fusion")`, and what else it saved for inference
+(its review threshold, its fitted temperatures)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from cxrfusion.data.split import read_split
 from cxrfusion.errors import CxrError
+from cxrfusion.labels import LABELS
 from cxrfusion.training.config import TrainConfig
 from cxrfusion.training.module import CxrClassifier
 
@@ -42,3 +47,69 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> tuple[CxrClassif
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CxrError(f"{checkpoint}: not a loadable checkpoint ({first})") from None
     return model.eval(), config
+
+
+DEFAULT_THRESHOLD = 0.1  # the report's review threshold on the uncertainty score
+TEMPERATURE_FILE = "temperature.json"
+
+
+def run_temperatures(run_dir: Path) -> np.ndarray | None:
+    """Per-class temperatures (14,) saved by `evaluate --temperature-scale`, or None.
+
+    The file `<run>/temperature.json` maps each label to its temperature; every label must be
+    there, and every temperature must be a positive number.
+    """
+    path = Path(run_dir) / TEMPERATURE_FILE
+    if not path.exists():
+        return None
+    try:
+        values = json.loads(path.read_text())
+        temperatures = np.array([float(values[label]) for label in LABELS])
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CxrError(f"{path}: not a label -> temperature mapping ({error})") from None
+    if not np.all(np.isfinite(temperatures) & (temperatures > 0)):
+        raise CxrError(f"{path}: temperatures must be positive numbers")
+    return temperatures
+
+
+def run_threshold(run_dir: Path) -> float:
+    """The review threshold the run was evaluated with (its latest eval_*/metrics.json), else
+    the report's 0.1."""
+    evaluations = sorted(Path(run_dir).glob("eval_*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(evaluations):
+        try:
+            return float(json.loads(path.read_text())["uncertainty"]["threshold"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: no readable uncertainty threshold, skipped", path)
+    return DEFAULT_THRESHOLD
+
+
+def run_card(run_dir: Path) -> dict:
+    """What a run directory says about its training data and validation, for a model card.
+
+    Returns:
+        {"training_data": {"prepared": folder, "splits": {split: {"images", "patients"}}},
+         "evaluations": {split: {"auc": evaluate's AUCs with CIs, "calibration": ...}}}
+        with whatever the run holds (evaluations only for the splits evaluated).
+    """
+    run_dir = Path(run_dir)
+    card: dict = {"training_data": {}, "evaluations": {}}
+    config_file = run_dir / "config.yaml"
+    if config_file.exists():
+        card["training_data"]["prepared"] = TrainConfig.from_yaml(config_file).prepared
+    if (run_dir / "split.csv").exists():
+        split = read_split(run_dir / "split.csv")
+        groups = split.groupby("split", sort=False)
+        card["training_data"]["splits"] = {
+            name: {"images": int(len(part)), "patients": int(part["Patient ID"].nunique())}
+            for name, part in groups
+        }
+    for path in sorted(run_dir.glob("eval_*/metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+            card["evaluations"][metrics["split"]] = {
+                key: metrics[key] for key in ("auc", "calibration") if key in metrics
+            }
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable metrics, left out of the model card", path)
+    return card

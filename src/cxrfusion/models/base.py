@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from cxrfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Triple
+
 
 class CxrModel(nn.Module, abc.ABC):
     """A multi-label classifier whose `forward(x) = head(features(x))` returns logits (B, classes).
@@ -21,17 +23,33 @@ class CxrModel(nn.Module, abc.ABC):
     BatchNorm running statistics stay the pretrained ones (Keras' `trainable=False`, as in the
     report). Training code needs to do nothing else.
 
+    `mean` / `std` are the per-channel normalisation the model expects on the 0..1 scale (timm's
+    `pretrained_cfg` for a timm backbone): training, evaluation and inference all normalise with
+    them (`transforms.normalize(images, model.mean, model.std)`).
+
     Args:
         features: module mapping images (B, 3, H, W) to vectors (B, num_features).
         head: module mapping those vectors to logits; the only place dropout may live.
         num_features: width F of the feature vector.
+        mean / std: the input normalisation (default ImageNet's).
     """
 
-    def __init__(self, features: nn.Module, head: nn.Module, num_features: int) -> None:
+    def __init__(
+        self,
+        features: nn.Module,
+        head: nn.Module,
+        num_features: int,
+        mean: Triple = IMAGENET_MEAN,
+        std: Triple = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         self.features = features
         self.head = head
         self.num_features = num_features
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std must be 3 values (std > 0), got {mean} / {std}")
         self._backbone_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

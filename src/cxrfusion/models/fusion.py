@@ -114,7 +114,9 @@ class FusionNet(CxrModel):
     refined by `SpatialChannelAttention` (8-head self-attention over the 49 positions, pre-norm
     LayerNorm, residual; then channel squeeze-excitation), global average pooled. `head`:
     dropout 0.5 > dense classes. With 14 classes: 10,533,624 parameters (report: 10,638,528,
-    -1.0 %), of which 1,389,614 train in phase 1 (everything but the two backbones).
+    -1.0 %), of which 1,389,614 train in phase 1 (everything but the two backbones). Both
+    backbones share one input, so they must share a normalisation: that of their timm
+    `pretrained_cfg` (ImageNet's for the default pair); backbones that disagree are refused.
 
     Args:
         num_classes: number of output logits.
@@ -137,7 +139,14 @@ class FusionNet(CxrModel):
         features = FusionFeatures(taps, proj_channels, num_heads)
         width = proj_channels * len(taps)
         head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
-        super().__init__(features, head, num_features=width)
+        stats = {
+            (tuple(net.pretrained_cfg["mean"]), tuple(net.pretrained_cfg["std"]))
+            for net in features.backbones
+        }
+        if len(stats) != 1:
+            raise ValueError(f"fusion backbones {features.names} expect different normalisations")
+        mean, std = stats.pop()
+        super().__init__(features, head, num_features=width, mean=mean, std=std)
 
     def backbones(self) -> dict[str, nn.Module]:
         return dict(zip(self.features.names, self.features.backbones, strict=True))

@@ -15,7 +15,9 @@ class TimmClassifier(CxrModel):
 
     Both dropouts are in `head` (the first one is the MC-dropout layer), so `features` is the
     timm backbone alone, pooled. With 14 classes the head has 531,982 parameters on DenseNet121
-    (1024 features) and 663,054 on EfficientNetB0 (1280), as in the report.
+    (1024 features) and 663,054 on EfficientNetB0 (1280), as in the report. Inputs are normalised
+    with the backbone's own `pretrained_cfg` mean/std (ImageNet's for most, 0.5/0.5 for ViTs and
+    Inception), the statistics its pretrained weights expect.
 
     Args:
         backbone: timm model name, e.g. "densenet121", "convnext_tiny".
@@ -45,7 +47,8 @@ class TimmClassifier(CxrModel):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
-        super().__init__(net, head, num_features=width)
+        cfg = net.pretrained_cfg
+        super().__init__(net, head, num_features=width, mean=cfg["mean"], std=cfg["std"])
         self.backbone_name = backbone
 
     def backbones(self) -> dict[str, nn.Module]:

@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 from torch import nn
 
+from cxrfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cxrfusion.labels import NUM_LABELS
 from cxrfusion.models.base import CxrModel
 from cxrfusion.models.registry import register_model
@@ -26,6 +27,8 @@ class SimpleCNN(CxrModel):
     129,870 parameters with 3 input channels and 14 classes, as in the report. It has no dropout,
     so its MC-dropout standard deviation is exactly zero, and no pretrained backbone, so it trains
     in one phase. `features` ends after global pooling (128 values); `head` is the two dense layers.
+    Trained from scratch, any fixed normalisation serves; it keeps ImageNet's, explicitly, so
+    that its input range matches the other models' (and runs trained before this choice).
 
     Args:
         num_classes: number of output logits.
@@ -43,7 +46,7 @@ class SimpleCNN(CxrModel):
             )
         )
         head = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, num_classes))
-        super().__init__(features, head, num_features=128)
+        super().__init__(features, head, num_features=128, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
     def gradcam_target_layers(self) -> list[nn.Module]:
         """The last conv stage's activation, before its pooling (the finest 128-channel map)."""

@@ -54,7 +54,8 @@ class CxrClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 radiographs (B, 1, H, W) -> logits (B, 14)."""
-        return self.model(normalize(images).contiguous(memory_format=self._memory_format))
+        x = normalize(images, self.model.mean, self.model.std)
+        return self.model(x.contiguous(memory_format=self._memory_format))
 
     def freeze_backbone(self, frozen: bool) -> None:
         """Phase 1 trains the head alone (the model keeps frozen BatchNorm statistics too)."""
