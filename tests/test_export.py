@@ -18,9 +18,10 @@ import torch
 from scipy.special import expit
 from torch import nn
 
+from cxrfusion import Classifier
 from cxrfusion.cli import main
 from cxrfusion.data.imageio import read_resized
-from cxrfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from cxrfusion.data.transforms import normalize
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.uncertainty import mc_dropout_samples
 from cxrfusion.inference import onnx_engine
@@ -35,11 +36,12 @@ SIZE = 64  # small input: export time, not resolution, is what these tests pay f
 TOLERANCE = 1e-4
 
 
-def radiographs(nih_sample: Path, count: int, start: int = 0) -> torch.Tensor:
-    """`count` real NIH images, resized to SIZE and normalised: (count, 3, SIZE, SIZE)."""
+def radiographs(nih_sample: Path, count: int, start: int = 0, model: CxrModel | None = None):
+    """`count` real NIH images, resized to SIZE and normalised for `model` (default ImageNet's
+    statistics): (count, 3, SIZE, SIZE)."""
     files = sorted((nih_sample / "images").glob("*.png"))[start : start + count]
-    images = np.stack([read_resized(path, SIZE) for path in files])
-    return normalize(torch.from_numpy(images)[:, None])
+    images = torch.from_numpy(np.stack([read_resized(path, SIZE) for path in files]))[:, None]
+    return normalize(images) if model is None else normalize(images, model.mean, model.std)
 
 
 def reference_head(head: nn.Sequential, features: torch.Tensor, masks: list[np.ndarray]):
@@ -56,12 +58,17 @@ def test_onnx_runtime_matches_pytorch_on_real_radiographs(name, nih_sample, tmp_
     torch.manual_seed(0)
     model = create_model(name, weights="none").eval()
     report = export_model(
-        model, tmp_path / "export", {"labels": list(LABELS)}, radiographs(nih_sample, 2)
+        model,
+        tmp_path / "export",
+        {"labels": list(LABELS)},
+        radiographs(nih_sample, 2, model=model),
     )
     assert max(report.max_abs_diff.values()) <= TOLERANCE
 
     engine = OnnxEngine(tmp_path / "export")
-    x = radiographs(nih_sample, 3, start=10)  # other images, another batch size than the check
+    x = radiographs(
+        nih_sample, 3, start=10, model=model
+    )  # other images, another batch size than the check
     with torch.no_grad():
         features = model.features(x)
         expected = model(x).numpy()
@@ -115,7 +122,8 @@ def test_cli_export_writes_model_json_with_what_inference_needs(exported_run):
     card = json.loads((folder / "model.json").read_text())
     assert card["labels"] == list(LABELS)
     assert (card["input_size"], card["cache_size"], card["model"]) == (64, 64, "test_efficientnet")
-    assert card["normalization"] == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    model = load_run(run)[0].model
+    assert card["normalization"] == {"mean": list(model.mean), "std": list(model.std)}
     assert card["threshold"] == 0.2
     assert card["temperatures"] == dict.fromkeys(LABELS, 1.5)
     assert [(d["p"], d["width"]) for d in card["dropout"]] == [(0.4, 256), (0.4, 512)]
@@ -131,7 +139,7 @@ def test_onnx_mc_dropout_samples_the_distribution_of_the_pytorch_fast_path(
     standard errors (the largest of 112 comparisons of truly equal distributions is ~3.5 SE)."""
     run, folder, _ = exported_run
     model = load_run(run)[0].model
-    x = radiographs(nih_sample, 4)
+    x = radiographs(nih_sample, 4, model=model)
     torch_samples = mc_dropout_samples(model, x, 400, mode="head", seed=0).numpy()
     engine = OnnxEngine(folder)
 
@@ -158,6 +166,25 @@ def test_onnx_engine_finds_the_export_of_a_run_and_says_how_to_make_a_missing_on
     assert OnnxEngine(run).folder == run / "export"
     with pytest.raises(CxrError, match=r"run `cxrfusion export --run .*` first"):
         OnnxEngine(tmp_path)
+
+
+def test_classifier_on_the_onnx_engine_has_the_run_spec_and_the_run_logits(
+    exported_run, nih_sample
+):
+    run, folder, _ = exported_run
+    by_torch = Classifier.load(run, device="cpu")
+    by_onnx = Classifier.load(folder, engine="onnx")
+    assert by_onnx.card() == by_torch.card()  # labels, sizes, normalisation, threshold, ...
+    image = next((nih_sample / "images").glob("*.png"))
+    x = by_torch.model_input(by_torch.prepare(image).image[None])
+    assert np.abs(by_onnx.engine.logits(x) - by_torch.engine.logits(x)).max() <= TOLERANCE
+    prediction = by_onnx.predict(image)
+    assert prediction.probability.shape == (14,) and prediction.std.max() > 0
+
+
+def test_classifier_on_the_onnx_engine_says_how_to_export_a_run_without_export(mc_dropout_run):
+    with pytest.raises(CxrError, match=r"run `cxrfusion export --run .*mc_dropout` first"):
+        Classifier.load(mc_dropout_run, engine="onnx")
 
 
 class _TraceFrozen(nn.Module):

@@ -33,14 +33,10 @@ import torch
 from torch import nn
 
 import cxrfusion
-from cxrfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from cxrfusion.data.transforms import normalize
 from cxrfusion.errors import CxrError
-from cxrfusion.inference.onnx_engine import (
-    FORMAT_VERSION,
-    MODEL_JSON,
-    DropoutLayer,
-    draw_masks,
-)
+from cxrfusion.inference.masked_head import MaskedHead
+from cxrfusion.inference.onnx_engine import FORMAT_VERSION, MODEL_JSON, draw_masks
 from cxrfusion.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -49,7 +45,6 @@ OPSET = 17
 # 14: the oldest opset with the attention ops fusion needs; 20: the newest the exporter writes.
 OPSETS = range(14, 21)
 TOLERANCE = 1e-4  # max abs difference of features and logits, ONNX Runtime vs PyTorch
-DEFAULT_THRESHOLD = 0.1  # evaluate's default review threshold
 FEATURES_ONNX = "features.onnx"
 HEAD_ONNX = "head.onnx"
 
@@ -68,92 +63,6 @@ class ExportReport:
     folder: Path
     max_abs_diff: dict[str, float]
     metadata: dict = field(repr=False)
-
-
-class _MaskSlot(nn.Module):
-    """Stands where a dropout layer was: multiplies its input by the mask `MaskedHead` set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mask: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask
-
-
-def dropout_layers(head: nn.Module, num_features: int) -> list[DropoutLayer]:
-    """The head's active dropout layers in execution order, with the width of their input.
-
-    Args:
-        head: a model's head (features (N, num_features) -> logits).
-        num_features: width of the features the head takes.
-
-    Raises:
-        ValueError: for a dropout kind other than element-wise `nn.Dropout` with p > 0
-            (channel dropout or AlphaDropout would need other masks) or a non-2-D input.
-    """
-    seen: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str, inputs: tuple[torch.Tensor, ...]) -> None:
-        seen.setdefault(name, tuple(inputs[0].shape))
-
-    hooks = []
-    for name, module in head.named_modules():
-        if not isinstance(module, nn.modules.dropout._DropoutNd) or module.p == 0:
-            continue
-        if type(module) is not nn.Dropout:
-            raise ValueError(f"head dropout {name!r} is {type(module).__name__}: only nn.Dropout")
-        hooks.append(module.register_forward_pre_hook(lambda _m, x, name=name: record(name, x)))
-    try:
-        was_training = head.training
-        with torch.no_grad():
-            head.eval()(torch.zeros(2, num_features))
-        head.train(was_training)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    layers = []
-    for name, shape in seen.items():  # dicts keep insertion order: the order of execution
-        if len(shape) != 2:
-            raise ValueError(f"head dropout {name!r} sees a {len(shape)}-D input; need (N, D)")
-        layers.append(DropoutLayer(name, float(head.get_submodule(name).p), shape[1]))
-    return layers
-
-
-class MaskedHead(nn.Module):
-    """A head whose `nn.Dropout` layers are multiplications by masks given as inputs.
-
-    `MaskedHead(head, F)(features, *masks)` equals `head(features)` in training mode when
-    `masks[i]` is the mask dropout layer `layers[i]` would draw (Bernoulli(1 - p) / (1 - p),
-    shape (N, width)), and `head(features)` in eval mode when all masks are ones. Inert dropout
-    (p = 0) becomes `nn.Identity`. The given head is copied, never changed.
-
-    Args:
-        head: the model's head.
-        num_features: width of the features it takes.
-    """
-
-    def __init__(self, head: nn.Module, num_features: int) -> None:
-        super().__init__()
-        self.head = copy.deepcopy(head).eval()
-        self.layers = dropout_layers(self.head, num_features)
-        for name, module in list(self.head.named_modules()):
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                self.head.set_submodule(name, nn.Identity())
-        self.slots = [_MaskSlot() for _ in self.layers]
-        for layer, slot in zip(self.layers, self.slots, strict=True):
-            self.head.set_submodule(layer.name, slot)
-
-    def forward(self, features: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
-        if len(masks) != len(self.slots):
-            raise ValueError(f"expected {len(self.slots)} masks, got {len(masks)}")
-        for slot, mask in zip(self.slots, masks, strict=True):
-            slot.mask = mask
-        try:
-            return self.head(features)
-        finally:
-            for slot in self.slots:
-                slot.mask = None
 
 
 def export_model(
@@ -187,7 +96,7 @@ def export_model(
         raise CxrError(f"--opset {opset}: must be {OPSETS.start} to {OPSETS.stop - 1}")
     _check_out(out)
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
-    sample = sample.float().cpu()
+    sample = sample.float().cpu().contiguous()
     head = MaskedHead(model.head, model.num_features)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -346,46 +255,30 @@ def export_run(
         out: export folder (default `<run>/export`, where `Classifier.load(run, engine="onnx")`
             looks).
         opset: ONNX opset version.
-        sample: normalised images for the parity check; default: 4 seeded random images.
+        sample: images normalised for the model, for the parity check; default: 4 seeded
+            random images.
     """
-    from cxrfusion.inference.runs import load_run
+    from cxrfusion.inference.runs import load_run, run_card, run_temperatures, run_threshold
 
     run = Path(run)
     module, config = load_run(run)
+    model = module.model
     if sample is None:
         generator = torch.Generator().manual_seed(0)
         size = (4, 1, config.input_size, config.input_size)
-        sample = normalize(torch.randint(0, 256, size, dtype=torch.uint8, generator=generator))
+        images = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+        sample = normalize(images, model.mean, model.std)
+    temperatures = run_temperatures(run)
     metadata = {
         "model": config.model,
         "labels": list(LABELS),
         "cache_size": config.cache_size,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalization": {"mean": list(model.mean), "std": list(model.std)},
         "threshold": run_threshold(run),
-        "temperatures": run_temperatures(run),
+        "temperatures": None
+        if temperatures is None
+        else dict(zip(LABELS, temperatures.tolist(), strict=True)),
+        "card": run_card(run),
         "run": str(run.resolve()),
     }
-    return export_model(module.model, out or run / "export", metadata, sample, opset)
-
-
-def run_threshold(run: Path) -> float:
-    """The review threshold the run was evaluated with (eval_*/metrics.json), else the default."""
-    for metrics in sorted(Path(run).glob("eval_*/metrics.json")):
-        threshold = json.loads(metrics.read_text()).get("uncertainty", {}).get("threshold")
-        if threshold is not None:
-            return float(threshold)
-    return DEFAULT_THRESHOLD
-
-
-def run_temperatures(run: Path) -> dict[str, float] | None:
-    """The per-class temperatures of `<run>/temperature.json` ({label: T}), if it exists."""
-    path = Path(run) / "temperature.json"
-    if not path.exists():
-        return None
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CxrError(f"{path}: not readable JSON ({error})") from None
-    if not isinstance(values, dict) or set(values) != set(LABELS):
-        raise CxrError(f"{path}: must map each of the {len(LABELS)} labels to a temperature")
-    return {label: float(values[label]) for label in LABELS}
+    return export_model(model, out or run / "export", metadata, sample, opset)

@@ -16,11 +16,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from cxrfusion.errors import CxrError
+
+if TYPE_CHECKING:
+    from cxrfusion.inference.engines import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +158,35 @@ class OnnxEngine:
         rows = np.tile(features, (samples, 1))  # row t*B + b is image b, as the torch fast path
         logits = self.head(rows, draw_masks(self.layers, len(rows), rng))
         return logits.reshape(samples, len(x), -1)
+
+
+def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelSpec]:
+    """The engine and spec of an export, for `Classifier.load(path, engine="onnx")`.
+
+    Args:
+        path: an export folder or a run directory holding `export/` (`find_export`).
+        device: None or "cpu": ONNX Runtime runs on the CPU here.
+    """
+    # The spec type lives with the torch engine; importing it here keeps this module torch-free
+    # for callers that use OnnxEngine alone.
+    from cxrfusion.inference.engines import ModelSpec
+
+    if device not in (None, "cpu"):
+        raise CxrError(f"--device {device}: the onnx engine runs on the CPU; use --engine torch")
+    engine = OnnxEngine(path)
+    meta = engine.metadata
+    temperatures = meta.get("temperatures")
+    spec = ModelSpec(
+        labels=engine.labels,
+        model=meta["model"],
+        cache_size=int(meta["cache_size"]),
+        input_size=engine.input_size,
+        mean=tuple(meta["normalization"]["mean"]),
+        std=tuple(meta["normalization"]["std"]),
+        threshold=float(meta["threshold"]),
+        temperatures=None
+        if temperatures is None
+        else np.array([temperatures[k] for k in engine.labels]),
+        details=meta.get("card", {}),
+    )
+    return engine, spec
