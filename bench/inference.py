@@ -1,10 +1,10 @@
 """CPU inference with MC dropout: PyTorch eager vs ONNX Runtime on the export, side by side.
 
 Per model (weights none: speed does not depend on the values), both engines run the same MC
-dropout: the backbone once, the head on T stacked copies of the features (T=25), dropout masks
-drawn per row. Eager is `mc_dropout_samples(mode="head")` under inference mode (the fast path
-evaluate and the torch engine use, channels-last as in evaluate); ONNX is `OnnxEngine.sample_logits`
-on the graphs `cxrfusion export` writes (exported here, parity-checked). Latency: one image per
+dropout through the Engine protocol the Classifier calls: the backbone once, the head on T stacked
+copies of the features (T=25), dropout masks drawn per row. Eager is `TorchEngine.sample_logits`
+(evaluate's fast path, channels-last, inference mode); ONNX is `OnnxEngine.sample_logits` on the
+graphs `cxrfusion export` writes (exported here, parity-checked). Latency: one image per
 call; throughput: `--batch` images per call. Engines alternate for `--rounds` rounds (eager first,
 then ONNX first, ...) and each keeps its best round, so neither gains from running second; a
 round is the mean of `--repeats` calls after one warm-up call. Target: ONNX >= 1.5x eager.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from cxrfusion.data.transforms import normalize
-from cxrfusion.evaluation.uncertainty import mc_dropout_samples
+from cxrfusion.inference.engines import TorchEngine
 from cxrfusion.inference.export import export_model
 from cxrfusion.inference.onnx_engine import OnnxEngine
 from cxrfusion.labels import LABELS
@@ -66,25 +67,24 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict[str, 
     print(
         f"  {name}: exported in {time.perf_counter() - start:.1f} s, max abs difference "
         f"{max(report.max_abs_diff.values()):.1e}",
+        file=sys.stderr,
         flush=True,
     )
-    model = model.to(memory_format=torch.channels_last)
-    engine = OnnxEngine(folder, threads=args.threads)
+    eager, onnx = TorchEngine(model, "cpu"), OnnxEngine(folder, threads=args.threads)
     rng = np.random.default_rng(0)
     fns: dict[str, Callable[[], object]] = {}
     for batch in (1, args.batch):
-        x = images(batch, args.size).contiguous(memory_format=torch.channels_last)
-        x_np = np.ascontiguousarray(x.numpy())
-        fns[f"eager{batch}"] = lambda x=x: mc_dropout_samples(model, x, args.samples)
-        fns[f"onnx{batch}"] = lambda x_np=x_np: engine.sample_logits(x_np, args.samples, rng)
-    x = images(args.batch, args.size)
+        x = images(batch, args.size).numpy()
+        fns[f"eager{batch}"] = lambda x=x: eager.sample_logits(x, args.samples, rng)
+        fns[f"onnx{batch}"] = lambda x=x: onnx.sample_logits(x, args.samples, rng)
+    x = images(args.batch, args.size).numpy()
 
     def eager_features() -> None:
         with torch.inference_mode():
-            model.features(x.contiguous(memory_format=torch.channels_last))
+            eager.model.features(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
 
     fns["eager_features"] = eager_features
-    fns["onnx_features"] = lambda: engine.features(x.numpy())
+    fns["onnx_features"] = lambda: onnx.features(x)
     return best_alternating(fns, args.rounds, args.repeats)
 
 
@@ -104,23 +104,23 @@ def main() -> None:
         f"CPU, {args.threads} threads, {args.size} px, MC dropout T={args.samples}, weights none; "
         f"best of {args.rounds} alternating rounds of {args.repeats} calls"
     )
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            rows.append((name, bench_model(name, args, Path(tmp) / name)))
     b = args.batch
-    print(
+    header = (
         f"{'model':<16}{'b1 eager ms':>12}{'b1 onnx ms':>12}{'ratio':>7}"
         f"{f'b{b} eager img/s':>17}{f'b{b} onnx img/s':>16}{'ratio':>7}"
         f"{f'backbone b{b} e/o ms':>22}"
     )
-    for name, s in rows:
-        print(
-            f"{name:<16}{1000 * s['eager1']:>12.1f}{1000 * s['onnx1']:>12.1f}"
-            f"{s['eager1'] / s['onnx1']:>6.2f}x{b / s[f'eager{b}']:>17.1f}{b / s[f'onnx{b}']:>16.1f}"
-            f"{s[f'eager{b}'] / s[f'onnx{b}']:>6.2f}x"
-            f"{1000 * s['eager_features']:>13.0f} / {1000 * s['onnx_features']:.0f}"
-        )
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            s = bench_model(name, args, Path(tmp) / name)
+            print(
+                f"{name:<16}{1000 * s['eager1']:>12.1f}{1000 * s['onnx1']:>12.1f}"
+                f"{s['eager1'] / s['onnx1']:>6.2f}x{b / s[f'eager{b}']:>17.1f}"
+                f"{b / s[f'onnx{b}']:>16.1f}{s[f'eager{b}'] / s[f'onnx{b}']:>6.2f}x"
+                f"{1000 * s['eager_features']:>13.0f} / {1000 * s['onnx_features']:.0f}",
+                flush=True,
+            )
     print("ratio = eager time / ONNX Runtime time (> 1: ONNX Runtime faster); target >= 1.5x")
 
 

@@ -227,3 +227,16 @@ def test_onnx_engine_module_runs_without_importing_torch():
         "sys.exit('torch' in sys.modules or 'cxrfusion.models' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_cli_export_of_a_folder_without_a_run_exits_2_and_writes_nothing(tmp_path, capsys):
+    assert main(["export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_an_opset_the_exporter_cannot_write(tmp_path):
+    model, x = create_model("simple_cnn", weights="none"), torch.zeros(2, 3, SIZE, SIZE)
+    with pytest.raises(CxrError, match="--opset 12"):
+        export_model(model, tmp_path / "export", {}, x, opset=12)
+    assert not (tmp_path / "export").exists()
