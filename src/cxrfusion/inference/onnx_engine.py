@@ -1,0 +1,192 @@
+"""Run an export of `cxrfusion export` on ONNX Runtime alone (no torch), MC dropout included.
+
+    engine = OnnxEngine("runs/fusion/export")
+    logits = engine.logits(x)                                        # (B, 14), dropout off
+    samples = engine.sample_logits(x, 25, np.random.default_rng(0))  # (25, B, 14)
+
+`features.onnx` runs once per image; `head.onnx` runs once on the T stacked copies of the
+features, with each dropout layer's mask drawn here: Bernoulli(1 - p) / (1 - p), exactly what
+`nn.Dropout` multiplies by in training, so the samples follow PyTorch's MC-dropout distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from cxrfusion.errors import CxrError
+
+if TYPE_CHECKING:
+    from cxrfusion.inference.engines import ModelSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+
+
+@dataclass(frozen=True)
+class DropoutLayer:
+    """One dropout layer of an exported head, as `head.onnx` takes its mask.
+
+    Args:
+        name: module path inside the PyTorch head (e.g. "0" in a Sequential).
+        p: drop probability; the mask holds Bernoulli(1 - p) / (1 - p).
+        width: features per row of its input: the mask input is (N, width).
+    """
+
+    name: str
+    p: float
+    width: int
+
+
+def draw_masks(
+    layers: Sequence[DropoutLayer], rows: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Dropout masks for `rows` head passes: float32 Bernoulli(1 - p) / (1 - p), (rows, width)."""
+    return [
+        (rng.random((rows, layer.width), dtype=np.float32) >= layer.p).astype(np.float32)
+        / np.float32(1 - layer.p)
+        for layer in layers
+    ]
+
+
+def find_export(path: Path | str) -> Path:
+    """The export folder for `path`: itself if it holds model.json, else `<path>/export`.
+
+    Raises:
+        CxrError: neither holds an export; the message says how to make one.
+    """
+    path = Path(path)
+    for folder in (path, path / "export"):
+        if (folder / MODEL_JSON).is_file():
+            return folder
+    raise CxrError(
+        f"{path}: no ONNX export (model.json) here or in {path / 'export'}; "
+        f"run `cxrfusion export --run {path}` first"
+    )
+
+
+def read_metadata(folder: Path) -> dict:
+    """model.json of an export folder, checked for the format this version reads."""
+    path = folder / MODEL_JSON
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CxrError(f"{path}: not readable JSON ({error})") from None
+    if metadata.get("format") != FORMAT_VERSION:
+        raise CxrError(
+            f"{path}: export format {metadata.get('format')!r}, this cxrfusion reads "
+            f"{FORMAT_VERSION}; export the run again with this version"
+        )
+    return metadata
+
+
+class OnnxEngine:
+    """The Engine protocol on ONNX Runtime: deterministic logits and MC-dropout samples.
+
+    Args:
+        path: an export folder (model.json, features.onnx, head.onnx) or a run directory whose
+            `export/` holds one.
+        threads: ONNX Runtime intra-op threads per session (None: its default, all cores).
+    """
+
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        self.folder = find_export(path)
+        self.metadata = read_metadata(self.folder)
+        self.labels: tuple[str, ...] = tuple(self.metadata["labels"])
+        self.input_size: int = int(self.metadata["input_size"])
+        self.layers = [DropoutLayer(**layer) for layer in self.metadata["dropout"]]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        files = self.metadata["files"]
+        self._features, self._head = (
+            self._session(self.folder / files[key], options) for key in ("features", "head")
+        )
+
+    @staticmethod
+    def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # ORT raises its own untyped exceptions for bad files
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CxrError(f"{path}: not a loadable ONNX graph ({first[:200]})") from None
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Normalised images (B, 3, H, W) -> features (B, F), float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        expected = (3, self.input_size, self.input_size)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(
+                f"expected float32 (B, {', '.join(map(str, expected))}), got {x.shape}"
+            )
+        return self._features.run(None, {"image": x})[0]
+
+    def head(self, features: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+        """Features (N, F) and one mask (N, width) per dropout layer -> logits (N, classes)."""
+        inputs = {f"mask{i}": mask for i, mask in enumerate(masks)}
+        return self._head.run(None, {"features": features, **inputs})[0]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Normalised images (B, 3, H, W) -> deterministic logits (B, classes), dropout off."""
+        features = self.features(x)
+        ones = [np.ones((len(features), layer.width), np.float32) for layer in self.layers]
+        return self.head(features, ones)
+
+    def sample_logits(self, x: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
+        """MC-dropout logits (T, B, classes): features once, the head on T x B rows at once.
+
+        Args:
+            x: normalised images (B, 3, H, W).
+            samples: T, the number of stochastic passes.
+            rng: source of the dropout masks (seed it for reproducible samples).
+        """
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        if not self.layers:  # no dropout: every sample is the deterministic pass
+            return np.broadcast_to(self.logits(x), (samples, len(x), len(self.labels))).copy()
+        features = self.features(x)
+        rows = np.tile(features, (samples, 1))  # row t*B + b is image b, as the torch fast path
+        logits = self.head(rows, draw_masks(self.layers, len(rows), rng))
+        return logits.reshape(samples, len(x), -1)
+
+
+def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelSpec]:
+    """The engine and spec of an export, for `Classifier.load(path, engine="onnx")`.
+
+    Args:
+        path: an export folder or a run directory holding `export/` (`find_export`).
+        device: None or "cpu": ONNX Runtime runs on the CPU here.
+    """
+    # The spec type lives with the torch engine; importing it here keeps this module torch-free
+    # for callers that use OnnxEngine alone.
+    from cxrfusion.inference.engines import ModelSpec
+
+    if device not in (None, "cpu"):
+        raise CxrError(f"--device {device}: the onnx engine runs on the CPU; use --engine torch")
+    engine = OnnxEngine(path)
+    meta = engine.metadata
+    temperatures = meta.get("temperatures")
+    spec = ModelSpec(
+        labels=engine.labels,
+        model=meta["model"],
+        cache_size=int(meta["cache_size"]),
+        input_size=engine.input_size,
+        mean=tuple(meta["normalization"]["mean"]),
+        std=tuple(meta["normalization"]["std"]),
+        threshold=float(meta["threshold"]),
+        temperatures=None
+        if temperatures is None
+        else np.array([temperatures[k] for k in engine.labels]),
+        details=meta.get("card", {}),
+    )
+    return engine, spec

@@ -1,0 +1,243 @@
+"""Specifications of the ONNX export: parity with PyTorch on real radiographs for every model
+family, MC dropout on ONNX Runtime sampling PyTorch's distribution, and nothing written when the
+check fails."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+from torch import nn
+
+from cxrfusion import Classifier
+from cxrfusion.cli import main
+from cxrfusion.data.imageio import read_resized
+from cxrfusion.data.transforms import normalize
+from cxrfusion.errors import CxrError
+from cxrfusion.evaluation.temperature import write_temperature
+from cxrfusion.evaluation.uncertainty import mc_dropout_samples
+from cxrfusion.inference import onnx_engine
+from cxrfusion.inference.export import export_model
+from cxrfusion.inference.onnx_engine import OnnxEngine
+from cxrfusion.inference.runs import load_run
+from cxrfusion.labels import LABELS
+from cxrfusion.models import create_model
+from cxrfusion.models.base import CxrModel
+
+SIZE = 64  # small input: export time, not resolution, is what these tests pay for
+TOLERANCE = 1e-4
+
+
+def radiographs(nih_sample: Path, count: int, start: int = 0, model: CxrModel | None = None):
+    """`count` real NIH images, resized to SIZE and normalised for `model` (default ImageNet's
+    statistics): (count, 3, SIZE, SIZE)."""
+    files = sorted((nih_sample / "images").glob("*.png"))[start : start + count]
+    images = torch.from_numpy(np.stack([read_resized(path, SIZE) for path in files]))[:, None]
+    return normalize(images) if model is None else normalize(images, model.mean, model.std)
+
+
+def reference_head(head: nn.Sequential, features: torch.Tensor, masks: list[np.ndarray]):
+    """The head computed by hand: each nn.Dropout replaced by multiplication with its mask."""
+    remaining = iter(masks)
+    x = features
+    for module in head:
+        x = x * torch.from_numpy(next(remaining)) if isinstance(module, nn.Dropout) else module(x)
+    return x
+
+
+@pytest.mark.parametrize("name", ["simple_cnn", "test_efficientnet", "fusion"])
+def test_onnx_runtime_matches_pytorch_on_real_radiographs(name, nih_sample, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, weights="none").eval()
+    report = export_model(
+        model,
+        tmp_path / "export",
+        {"labels": list(LABELS)},
+        radiographs(nih_sample, 2, model=model),
+    )
+    assert max(report.max_abs_diff.values()) <= TOLERANCE
+
+    engine = OnnxEngine(tmp_path / "export")
+    x = radiographs(
+        nih_sample, 3, start=10, model=model
+    )  # other images, another batch size than the check
+    with torch.no_grad():
+        features = model.features(x)
+        expected = model(x).numpy()
+    assert np.abs(engine.logits(x.numpy()) - expected).max() <= TOLERANCE
+
+    masks = onnx_engine.draw_masks(engine.layers, len(x), np.random.default_rng(1))
+    with torch.no_grad():
+        masked = reference_head(model.head, features, masks).numpy()
+    assert np.abs(engine.head(features.numpy(), masks) - masked).max() <= TOLERANCE
+    dropouts = [m for m in model.head.modules() if isinstance(m, nn.Dropout)]
+    assert [layer.p for layer in engine.layers] == [m.p for m in dropouts]
+
+
+def moments_agree(a: np.ndarray, b: np.ndarray, sigmas: float = 5.0) -> bool:
+    """Whether two independent sample sets (T, B, C) have the same per-(image, class) mean and
+    standard deviation, within `sigmas` standard errors (delta method for the std)."""
+    t = len(a)
+
+    def mean_and_std_variances(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        centred = s - s.mean(axis=0)
+        m2, m4 = (centred**2).mean(axis=0), (centred**4).mean(axis=0)
+        return m2 / t, (m4 - m2**2) / (4 * t * np.maximum(m2, 1e-12))
+
+    (var_mean_a, var_std_a), (var_mean_b, var_std_b) = map(mean_and_std_variances, (a, b))
+    mean_ok = np.abs(a.mean(0) - b.mean(0)) <= sigmas * np.sqrt(var_mean_a + var_mean_b) + 1e-6
+    std_ok = np.abs(a.std(0) - b.std(0)) <= sigmas * np.sqrt(var_std_a + var_std_b) + 1e-6
+    return bool(mean_ok.all() and std_ok.all())
+
+
+@pytest.fixture(scope="module")
+def exported_run(mc_dropout_run, tmp_path_factory) -> tuple[Path, Path, str]:
+    """A copy of the trained run with saved temperatures and an evaluation threshold, exported
+    through the CLI: (run, export folder, what the CLI printed)."""
+    run = tmp_path_factory.mktemp("run") / "mc_dropout"
+    run.mkdir()
+    for name in ("config.yaml", "best.ckpt"):
+        shutil.copy(mc_dropout_run / name, run / name)
+    write_temperature(run, np.full(len(LABELS), 1.5), fitted_on={"split": "val"})
+    (run / "eval_test").mkdir()
+    (run / "eval_test" / "metrics.json").write_text(json.dumps({"uncertainty": {"threshold": 0.2}}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["export", "--run", str(run), "--out", str(run / "onnx")]) == 0
+    return run, run / "onnx", out.getvalue()
+
+
+def test_cli_export_writes_model_json_with_what_inference_needs(exported_run):
+    run, folder, printed = exported_run
+    assert "max abs difference" in printed
+    assert sorted(p.name for p in folder.iterdir()) == ["features.onnx", "head.onnx", "model.json"]
+    card = json.loads((folder / "model.json").read_text())
+    assert card["labels"] == list(LABELS)
+    assert (card["input_size"], card["cache_size"], card["model"]) == (64, 64, "test_efficientnet")
+    model = load_run(run)[0].model
+    assert card["normalization"] == {"mean": list(model.mean), "std": list(model.std)}
+    assert card["threshold"] == 0.2
+    assert card["temperatures"] == dict.fromkeys(LABELS, 1.5)
+    assert [(d["p"], d["width"]) for d in card["dropout"]] == [(0.4, 256), (0.4, 512)]
+    assert set(card["versions"]) == {"torch", "onnx", "onnxruntime", "cxrfusion"}
+    assert card["opset"] == 17
+    assert max(card["parity"]["max_abs_diff"].values()) <= TOLERANCE
+
+
+def test_onnx_mc_dropout_samples_the_distribution_of_the_pytorch_fast_path(
+    exported_run, nih_sample, monkeypatch
+):
+    """T = 400 draws each, 4 images x 14 classes: per-class means and stds must agree within 5
+    standard errors (the largest of 112 comparisons of truly equal distributions is ~3.5 SE)."""
+    run, folder, _ = exported_run
+    model = load_run(run)[0].model
+    x = radiographs(nih_sample, 4, model=model)
+    torch_samples = mc_dropout_samples(model, x, 400, mode="head", seed=0).numpy()
+    engine = OnnxEngine(folder)
+
+    def onnx_samples() -> np.ndarray:
+        return expit(engine.sample_logits(x.numpy(), 400, np.random.default_rng(0)))
+
+    assert torch_samples.std(axis=0).mean() > 1e-3  # the trained head really is random
+    assert moments_agree(onnx_samples(), torch_samples)
+
+    # The same comparison catches a plausible sampler bug: masks not rescaled by 1 / (1 - p).
+    draw = onnx_engine.draw_masks
+    unscaled = lambda layers, rows, rng: [  # noqa: E731
+        m * (1 - layer.p) for m, layer in zip(draw(layers, rows, rng), layers, strict=True)
+    ]
+    monkeypatch.setattr(onnx_engine, "draw_masks", unscaled)
+    assert not moments_agree(onnx_samples(), torch_samples)
+
+
+def test_onnx_engine_finds_the_export_of_a_run_and_says_how_to_make_a_missing_one(
+    exported_run, tmp_path
+):
+    run, folder, _ = exported_run
+    shutil.copytree(folder, run / "export")
+    assert OnnxEngine(run).folder == run / "export"
+    with pytest.raises(CxrError, match=r"run `cxrfusion export --run .*` first"):
+        OnnxEngine(tmp_path)
+
+
+def test_classifier_on_the_onnx_engine_has_the_run_spec_and_the_run_logits(
+    exported_run, nih_sample
+):
+    run, folder, _ = exported_run
+    by_torch = Classifier.load(run, device="cpu")
+    by_onnx = Classifier.load(folder, engine="onnx")
+    assert by_onnx.card() == by_torch.card()  # labels, sizes, normalisation, threshold, ...
+    image = next((nih_sample / "images").glob("*.png"))
+    x = by_torch.model_input(by_torch.prepare(image).image[None])
+    assert np.abs(by_onnx.engine.logits(x) - by_torch.engine.logits(x)).max() <= TOLERANCE
+    prediction = by_onnx.predict(image)
+    assert prediction.probability.shape == (14,) and prediction.std.max() > 0
+
+
+def test_classifier_on_the_onnx_engine_says_how_to_export_a_run_without_export(mc_dropout_run):
+    with pytest.raises(CxrError, match=r"run `cxrfusion export --run .*mc_dropout` first"):
+        Classifier.load(mc_dropout_run, engine="onnx")
+
+
+class _TraceFrozen(nn.Module):
+    """Features that freeze a data-dependent number into a traced graph (a classic export bug)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * float(x.std())
+
+
+class _TraceFrozenModel(CxrModel):
+    def __init__(self) -> None:
+        super().__init__(_TraceFrozen(), nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 14)), 3)
+
+    def gradcam_target_layers(self) -> list[nn.Module]:
+        return []
+
+
+def test_failed_parity_check_raises_and_writes_no_export_folder(nih_sample, tmp_path):
+    with pytest.raises(CxrError, match="differs from PyTorch"):
+        export_model(_TraceFrozenModel(), tmp_path / "export", {}, radiographs(nih_sample, 2))
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
+
+
+def test_export_replaces_a_previous_export_but_refuses_another_folder(nih_sample, tmp_path):
+    model, x = create_model("simple_cnn", weights="none"), radiographs(nih_sample, 2)
+    export_model(model, tmp_path / "export", {"run": "first"}, x)
+    export_model(model, tmp_path / "export", {"run": "second"}, x)
+    assert json.loads((tmp_path / "export" / "model.json").read_text())["run"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(CxrError, match="holds no export"):
+        export_model(model, tmp_path / "notes", {}, x)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_onnx_engine_module_runs_without_importing_torch():
+    code = (
+        "import sys, cxrfusion.inference.onnx_engine; "
+        "sys.exit('torch' in sys.modules or 'cxrfusion.models' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_cli_export_of_a_folder_without_a_run_exits_2_and_writes_nothing(tmp_path, capsys):
+    assert main(["export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_an_opset_the_exporter_cannot_write(tmp_path):
+    model, x = create_model("simple_cnn", weights="none"), torch.zeros(2, 3, SIZE, SIZE)
+    with pytest.raises(CxrError, match="--opset 12"):
+        export_model(model, tmp_path / "export", {}, x, opset=12)
+    assert not (tmp_path / "export").exists()
