@@ -300,14 +300,14 @@ def _check_train(args: argparse.Namespace) -> None:
 
     config = train_config(args)
     prepared, out = Path(config.prepared), Path(config.out)
+    if args.resume and not (out / "last.ckpt").is_file():
+        raise CxrError(f"{out}: no last.ckpt to resume; train without --resume first")
     if not args.data and not (prepared / "split.csv").is_file():
         raise CxrError(
             f"{prepared}: no split.csv; run `cxrfusion prepare --out {prepared}` or pass --data"
         )
     if args.data and not Path(args.data).is_dir():
         raise CxrError(f"{args.data}: no such data folder (--data)")
-    if args.resume and not (out / "last.ckpt").is_file():
-        raise CxrError(f"{out}: no last.ckpt to resume; train without --resume first")
     check_can_run(config)
 
 
