@@ -25,7 +25,7 @@ FINDINGS_COLUMN = "Finding Labels"
 REQUIRED_COLUMNS = (IMAGE_COLUMN, FINDINGS_COLUMN, PATIENT_COLUMN)
 
 
-def _find_file(data_dir: Path, names: Iterable[str]) -> Path | None:
+def find_file(data_dir: Path, names: Iterable[str]) -> Path | None:
     """The first of `names` (each tried plain, then gzipped) that exists in `data_dir`."""
     for name in names:
         for candidate in (data_dir / name, data_dir / f"{name}.gz"):
@@ -43,7 +43,7 @@ def find_table(data_dir: Path) -> Path:
     Raises:
         CxrError: when none of the known table names is there.
     """
-    path = _find_file(Path(data_dir), TABLE_NAMES)
+    path = find_file(Path(data_dir), TABLE_NAMES)
     if path is None:
         raise CxrError(f"{data_dir}: no label table ({' or '.join(TABLE_NAMES)}, plain or .gz)")
     return path
@@ -205,7 +205,7 @@ def read_official_lists(data_dir: Path) -> tuple[set[str], set[str]]:
     data_dir = Path(data_dir)
     lists = []
     for name in (TRAIN_VAL_LIST, TEST_LIST):
-        path = _find_file(data_dir, [name])
+        path = find_file(data_dir, [name])
         if path is None:
             raise CxrError(f"{data_dir}: no {name} (plain or .gz), needed for the official split")
         lists.append(_read_names(path))

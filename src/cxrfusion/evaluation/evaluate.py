@@ -33,6 +33,7 @@ from cxrfusion.evaluation.predictions import (
 )
 from cxrfusion.evaluation.referral import referral_curve
 from cxrfusion.evaluation.report import Section, auc_table, calibration_table, write_report
+from cxrfusion.evaluation.trust import load_sources, trust_results
 from cxrfusion.evaluation.uncertainty import summarise_samples
 from cxrfusion.explain import gradcam, save_gradcam_figure
 from cxrfusion.inference import load_run, resolve_checkpoint
@@ -56,6 +57,10 @@ class EvaluateOptions:
         seed: seed of the dropout masks and of the bootstrap.
         batch_size: images per forward pass.
         examples: images shown in the prediction grid and explained with Grad-CAM.
+        labels: "google2019" scores the images with Google's 2019 expert labels too.
+        labels_file: the expert label file (default: beside the NIH table).
+        boxes: localisation against NIH's boxes: None (off), "" (the file beside the NIH table)
+            or the box file.
     """
 
     split: str = "test"
@@ -67,6 +72,9 @@ class EvaluateOptions:
     seed: int = 0
     batch_size: int = 64
     examples: int = 4
+    labels: str | None = None
+    labels_file: str | None = None
+    boxes: str | None = None
 
 
 def _calibration(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -107,10 +115,14 @@ def evaluate(
     if options.split not in datasets or len(datasets[options.split]) == 0:
         raise CxrError(f"{run_dir / 'split.csv'}: the {options.split!r} split is empty")
     dataset, rows = datasets[options.split], split[split["split"] == options.split]
+    sources = load_sources(
+        Path(config.prepared), options.labels, options.labels_file, options.boxes
+    )
 
     samples = predict_samples(
         model, dataset, options.mc_samples, options.mc_mode, options.batch_size, options.seed
     )
+    raw_samples = samples
     y = rows[list(LABELS)].to_numpy()
     metrics: dict = {"split": options.split, "checkpoint": str(checkpoint)}
     temperature = None
@@ -143,10 +155,26 @@ def evaluate(
     }
     metrics["counts"] = {"images": len(rows), "patients": int(rows["Patient ID"].nunique())}
     metrics["options"] = asdict(options)
+    # Trust checks (expert labels, NIH boxes, calibration.json) score the unscaled MC means.
+    plain = summary if temperature is None else summarise_samples(raw_samples)
+    extra, extra_sections = trust_results(
+        sources,
+        out,
+        run_dir,
+        model,
+        dataset,
+        rows,
+        plain["mean"],
+        plain["uncertainty"],
+        config.input_size,
+        options.bootstrap,
+        options.seed,
+    )
+    metrics.update(extra)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
 
     figures = _figures(out, model, dataset, rows, y, samples, summary, metrics["referral"], options)
-    _report(out, run_dir, config, split, metrics, figures)
+    _report(out, run_dir, config, split, metrics, figures, extra_sections)
     log.info("evaluation of %s written to %s", run_dir, out)
     return out
 
@@ -217,6 +245,7 @@ def _report(
     split: pd.DataFrame,
     metrics: dict,
     figures: dict[str, Path],
+    extra: list[Section],
 ) -> tuple[Path, Path]:
     auc = metrics["auc"]
     uncertainty = metrics["uncertainty"]
@@ -270,6 +299,7 @@ def _report(
             for name, path in figures.items()
             if name.startswith("gradcam ")
         ],
+        *extra,
         Section(
             "Data",
             text="Images, patients and positives per split (split by patient).",
