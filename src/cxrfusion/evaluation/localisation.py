@@ -160,6 +160,7 @@ def localisation_metrics(
                 "hit": pointing_hit(heatmaps[key], mapped),
                 "mass": mass_inside(heatmaps[key], mapped),
                 "chance": chance_share((row.x, row.y, row.w, row.h)),
+                "flat": bool(heatmaps[key].max() == heatmaps[key].min()),
             }
         )
     table = pd.DataFrame(records)
@@ -183,6 +184,7 @@ def _summary(part: pd.DataFrame) -> dict:
         "pointing": float(part["hit"].mean()),
         "mass_inside": float(part["mass"].mean()),
         "chance": float(part["chance"].mean()),
+        "no_support": int(part["flat"].sum()),
     }
 
 
@@ -191,7 +193,11 @@ def localisation_table(metrics: dict) -> pd.DataFrame:
     rows = {**metrics["findings"], "All": metrics["overall"]}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table = table.rename(
-        columns={"pointing": "pointing game", "mass_inside": "mass inside box", "chance": "chance"}
+        columns={
+            "pointing": "pointing game",
+            "mass_inside": "mass inside box",
+            "no_support": "flat heatmaps",
+        }
     )
     table.index.name = "finding"
     return table
@@ -204,7 +210,8 @@ def localisation_section(metrics: dict, figure: Path | None) -> Section:
         text=f"Grad-CAM of each box's finding on {metrics['n_images']:,} evaluated images with "
         f"{metrics['n_boxes']:,} radiologist boxes ({metrics['source']}). Pointing game: the "
         "hottest pixel lies in the box. Mass inside box: the heatmap's share inside it. Chance: "
-        "the box's share of the image, what a random point or a flat heatmap scores. Box "
+        "the box's share of the image, what a random point or a flat heatmap scores (a flat "
+        "heatmap, where Grad-CAM finds no support, is a pointing miss). Box "
         f"coordinates are pixels of NIH's {SOURCE_SIZE[0]} px PNGs, scaled by input / "
         f"{SOURCE_SIZE[0]} to the {metrics['input_size']} px model input.",
         table=localisation_table(metrics),
@@ -262,16 +269,25 @@ def box_figure(
     path: Path,
     count: int = 4,
 ) -> Path | None:
-    """The first `count` evaluated images with a box, each with its first box and heatmap."""
+    """Up to `count` evaluated images with their first box and its heatmap, one per finding
+    first (in file order), preferring heatmaps with support (a flat one shows nothing)."""
     position = {name: i for i, name in enumerate(image_names)}
-    shown = boxes[boxes["Image Index"].isin(position)].drop_duplicates("Image Index").head(count)
-    if shown.empty:
+    candidates = boxes[boxes["Image Index"].isin(position)].drop_duplicates("Image Index")
+    if candidates.empty:
         return None
+    ranked = []
+    for row in candidates.itertuples(index=False):
+        heat = heatmap(position[row[0]], LABEL_INDEX[row.finding])
+        ranked.append((heat.max() == heat.min(), row, heat))
+    first_of_finding = {}
+    for flat, row, heat in sorted(ranked, key=lambda item: item[0]):
+        first_of_finding.setdefault(row.finding, (flat, row, heat))
+    chosen = sorted(first_of_finding.values(), key=lambda item: item[0])[:count]
     images, heats, mapped, titles = [], [], [], []
-    for row in shown.itertuples(index=False):
+    for _, row, heat in chosen:
         image, _, _ = dataset[position[row[0]]]
         images.append(image[0].numpy())
-        heats.append(heatmap(position[row[0]], LABEL_INDEX[row.finding]))
+        heats.append(heat)
         mapped.append(map_box((row.x, row.y, row.w, row.h), size))
         titles.append(f"{row[0]}\n{row.finding}")
     return plot_boxes(images, heats, mapped, titles, path)
