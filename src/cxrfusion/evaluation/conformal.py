@@ -18,9 +18,11 @@ is by patient, so new patients are what the guarantee speaks about):
   decided negative. The model keeps an image when its uncertainty is below u and refers it to a
   radiologist otherwise. The loss is 1[kept and missed], so the guarantee reads: the share of new
   images that the model keeps while missing a finding (the *retained miss rate*; referred images count
-  as read by a radiologist) is at most `referral_alpha`. The referral rule is fitted on a patient-wise
-  half of the validation images that the thresholds did not see, because a miss depends on the
-  thresholds and CRC needs its losses fixed before the calibration cases are looked at.
+  as read by a radiologist) is at most `referral_alpha`.
+
+The validation images are split into two patient-disjoint halves: the thresholds are fitted on one,
+the referral rule on the other, because a miss depends on the thresholds and CRC needs its losses
+fixed before its calibration cases are looked at.
 
 MAPIE's multi-label risk control (`PrecisionRecallController`) fits one lambda shared by all labels,
 per image, around a scikit-learn estimator; it offers neither per-pathology thresholds nor a rule on a
@@ -168,6 +170,13 @@ def fit_calibration(
     thresholds = {
         label: crc_threshold(pt[yt[:, k], k], alpha, LOSS_BOUND) for k, label in enumerate(LABELS)
     }
+    trivial = [label for label, t in thresholds.items() if t == 0.0]
+    if trivial:
+        log.warning(
+            "too few validation positives for FNR <= %g: %s always positive",
+            alpha,
+            ", ".join(trivial),
+        )
     cut = np.array([thresholds[label] for label in LABELS])
     miss = missed(y[referral_part], p[referral_part] >= cut)
     referral = referral_threshold(
@@ -264,7 +273,13 @@ def realised_rates(
 def conformal_section(realised: dict) -> Section:
     """The report's section: each pathology's threshold, realised FNR and bound; the referral."""
     table = pd.DataFrame.from_dict(realised["classes"], orient="index")
-    table = table.rename(columns={"fnr": "realised FNR", "bound": "bound (alpha)"})
+    table = table.rename(
+        columns={
+            "fnr": "realised FNR",
+            "false_negatives": "false negatives",
+            "bound": "bound (alpha)",
+        }
+    )
     table.index.name = "pathology"
     referral = realised["referral"]
     rule = (
@@ -278,7 +293,9 @@ def conformal_section(realised: dict) -> Section:
         text=f"Thresholds fitted with conformal risk control ({realised['method']}) on "
         f"{realised['n_calibration']:,} validation images: for a new image from the same "
         f"distribution, each pathology's expected false-negative rate is at most "
-        f"{realised['alpha']:g}. The realised rate on these images is shown beside the bound.\n\n"
+        f"{realised['alpha']:g}. The bound is on the expected rate: the realised rate on these "
+        "images, beside it, varies by chance, most where positives are few. A threshold of 0 "
+        "(always positive) means too few validation positives for any other threshold.\n\n"
         f"Referral {rule}: the expected share of images kept by the model with a missed finding "
         f"is at most {referral['bound']:g}; here {referral['referred']:,} referred, realised "
         + ("n/a." if rate is None else f"{rate:.3f}."),

@@ -165,6 +165,7 @@ def localisation_metrics(
         )
     table = pd.DataFrame(records)
     findings = {name: _summary(part) for name, part in table.groupby("finding", sort=True)}
+    log.info("localisation: %d boxes on %d images", len(table), table["image"].nunique())
     return {
         "source": str(source),
         "source_size": list(SOURCE_SIZE),
