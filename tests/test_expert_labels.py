@@ -11,7 +11,7 @@ from test_report import CHROMIUM, _console_lines, _screenshot
 
 from cxrfusion.cli import main
 from cxrfusion.data.options import PrepareOptions
-from cxrfusion.data.prepare import prepare
+from cxrfusion.data.prepare import find_beside_table, prepare
 from cxrfusion.data.split import read_split, write_split
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.expert_labels import (
@@ -194,3 +194,22 @@ def test_default_expert_file_is_looked_up_beside_the_nih_table(sample_eval: dict
     error = capsys.readouterr().err.strip()
     assert "google2019_nih-chest-xray-labels.csv" in error and "--labels-file" in error
     assert len(error.splitlines()) == 1
+
+
+def test_files_beside_the_nih_table_are_found_from_the_prepared_folder(tmp_path: Path) -> None:
+    data, prepared = tmp_path / "nih", tmp_path / "prepared"
+    data.mkdir()
+    prepared.mkdir()
+    (data / "google2019_nih-chest-xray-labels.csv.gz").write_bytes(b"")
+    (prepared / "split_summary.json").write_text(
+        json.dumps({"source": {"table": str(data / "Data_Entry_2017.csv")}})
+    )
+    names = ("google2019_nih-chest-xray-labels.csv",)
+    assert find_beside_table(prepared, names, "--labels-file") == (
+        data / "google2019_nih-chest-xray-labels.csv.gz"
+    )
+    with pytest.raises(CxrError, match="no BBox_List_2017.csv .* pass --boxes PATH"):
+        find_beside_table(prepared, ("BBox_List_2017.csv",), "--boxes PATH")
+    (prepared / "split_summary.json").write_text("{}")
+    with pytest.raises(CxrError, match="does not record the NIH table .* pass --labels-file"):
+        find_beside_table(prepared, names, "--labels-file")
