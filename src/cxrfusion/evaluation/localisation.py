@@ -122,6 +122,12 @@ def chance_share(box: Sequence[float], source: tuple[int, int] = SOURCE_SIZE) ->
     return max(width, 0.0) * max(height, 0.0) / (source[0] * source[1])
 
 
+def _evaluated(boxes: pd.DataFrame, position: dict[str, int]) -> pd.DataFrame:
+    """The boxes of evaluated images, with `Image Index` renamed `image` (for itertuples)."""
+    kept = boxes[boxes["Image Index"].isin(position)].reset_index(drop=True)
+    return kept.rename(columns={"Image Index": "image"})
+
+
 def localisation_metrics(
     boxes: pd.DataFrame,
     image_names: Sequence[str],
@@ -143,26 +149,24 @@ def localisation_metrics(
         CxrError: when no evaluated image has a box.
     """
     position = {name: i for i, name in enumerate(image_names)}
-    boxes = boxes[boxes["Image Index"].isin(position)].reset_index(drop=True)
+    boxes = _evaluated(boxes, position)
     if boxes.empty:
         raise CxrError(f"{source}: none of the {len(position):,} evaluated images has a box")
-    heatmaps: dict[tuple[str, str], np.ndarray] = {}
     records = []
-    for row in boxes.itertuples(index=False):
-        key = (row[0], row.finding)
-        if key not in heatmaps:
-            heatmaps[key] = heatmap(position[row[0]], LABEL_INDEX[row.finding])
-        mapped = map_box((row.x, row.y, row.w, row.h), size)
-        records.append(
-            {
-                "finding": row.finding,
-                "image": row[0],
-                "hit": pointing_hit(heatmaps[key], mapped),
-                "mass": mass_inside(heatmaps[key], mapped),
-                "chance": chance_share((row.x, row.y, row.w, row.h)),
-                "flat": bool(heatmaps[key].max() == heatmaps[key].min()),
-            }
-        )
+    for (image, finding), part in boxes.groupby(["image", "finding"], sort=False):
+        heat = heatmap(position[image], LABEL_INDEX[finding])
+        for row in part.itertuples(index=False):
+            mapped = map_box((row.x, row.y, row.w, row.h), size)
+            records.append(
+                {
+                    "finding": finding,
+                    "image": image,
+                    "hit": pointing_hit(heat, mapped),
+                    "mass": mass_inside(heat, mapped),
+                    "chance": chance_share((row.x, row.y, row.w, row.h)),
+                    "flat": bool(heat.max() == heat.min()),
+                }
+            )
     table = pd.DataFrame(records)
     findings = {name: _summary(part) for name, part in table.groupby("finding", sort=True)}
     log.info("localisation: %d boxes on %d images", len(table), table["image"].nunique())
@@ -273,12 +277,12 @@ def box_figure(
     """Up to `count` evaluated images with their first box and its heatmap, one per finding
     first (in file order), preferring heatmaps with support (a flat one shows nothing)."""
     position = {name: i for i, name in enumerate(image_names)}
-    candidates = boxes[boxes["Image Index"].isin(position)].drop_duplicates("Image Index")
+    candidates = _evaluated(boxes, position).drop_duplicates("image")
     if candidates.empty:
         return None
     ranked = []
     for row in candidates.itertuples(index=False):
-        heat = heatmap(position[row[0]], LABEL_INDEX[row.finding])
+        heat = heatmap(position[row.image], LABEL_INDEX[row.finding])
         ranked.append((heat.max() == heat.min(), row, heat))
     first_of_finding = {}
     for flat, row, heat in sorted(ranked, key=lambda item: item[0]):
@@ -286,9 +290,9 @@ def box_figure(
     chosen = sorted(first_of_finding.values(), key=lambda item: item[0])[:count]
     images, heats, mapped, titles = [], [], [], []
     for _, row, heat in chosen:
-        image, _, _ = dataset[position[row[0]]]
+        image, _, _ = dataset[position[row.image]]
         images.append(image[0].numpy())
         heats.append(heat)
         mapped.append(map_box((row.x, row.y, row.w, row.h), size))
-        titles.append(f"{row[0]}\n{row.finding}")
+        titles.append(f"{row.image}\n{row.finding}")
     return plot_boxes(images, heats, mapped, titles, path)
