@@ -382,6 +382,23 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="images shown in the prediction grid and explained by Grad-CAM",
     )
+    p.add_argument(
+        "--labels",
+        choices=("google2019",),
+        help="also score against Google's 2019 radiologist labels (images that have them)",
+    )
+    p.add_argument(
+        "--labels-file",
+        help="google2019_nih-chest-xray-labels.csv[.gz] (default: beside the NIH table)",
+    )
+    p.add_argument(
+        "--boxes",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="Grad-CAM against NIH's boxes: pointing game and mass inside per finding "
+        "(default file: BBox_List_2017.csv[.gz] beside the NIH table)",
+    )
     p.add_argument("--out", type=Path, help="output folder (default <run>/eval_<split>)")
     p.set_defaults(func=_evaluate)
 
@@ -402,6 +419,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
         examples=args.examples,
+        labels=args.labels,
+        labels_file=args.labels_file,
+        boxes=args.boxes,
     )
     out = evaluate(run, args.out, options)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -415,6 +435,58 @@ def _evaluate(args: argparse.Namespace) -> None:
     for note in metrics["notes"]:
         print(f"note: {note}")
     print(f"report: {out / 'report.html'}")
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="decision thresholds and a referral rule with a guaranteed false-negative rate",
+        description="Fit, on the run's validation split, per-pathology decision thresholds with "
+        "conformal risk control so that each pathology's expected false-negative rate on new "
+        "images from the same distribution is at most --alpha, and an uncertainty threshold "
+        "above which images are referred, so that the expected share of images kept with a "
+        "missed finding is at most --referral-alpha. Writes <run>/calibration.json, which "
+        "evaluate then checks on its split.",
+        epilog="example: cxrfusion calibrate --run runs/fusion --alpha 0.1",
+    )
+    p.add_argument("--run", type=Path, required=True, help="run directory (uses its best.ckpt)")
+    p.add_argument("--alpha", type=float, default=0.1, help="false-negative bound (default 0.1)")
+    p.add_argument(
+        "--referral-alpha",
+        type=float,
+        default=0.05,
+        help="bound on the share of kept images with a missed finding (default 0.05)",
+    )
+    p.add_argument("--method", choices=("crc",), default="crc", help="conformal risk control")
+    p.add_argument("--mc-samples", type=int, default=25, help="MC-dropout passes T (default 25)")
+    p.add_argument(
+        "--mc-mode", choices=("head", "full"), default="head", help="as in evaluate (default head)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per pass (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="dropout masks and calibration halves")
+    p.set_defaults(func=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from cxrfusion.evaluation.trust import calibrate_run
+
+    fitted, path = calibrate_run(
+        args.run,
+        alpha=args.alpha,
+        referral_alpha=args.referral_alpha,
+        method=args.method,
+        mc_samples=args.mc_samples,
+        mc_mode=args.mc_mode,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    refer = fitted.referral_threshold
+    print(
+        f"thresholds for FNR <= {fitted.alpha:g} on {fitted.n_calibration} validation images; "
+        + ("refer nothing" if refer is None else f"refer uncertainty >= {refer:.4g}")
+        + f" (kept-with-a-miss <= {fitted.referral_alpha:g}, {fitted.n_referral} images)"
+    )
+    print(f"wrote {path}")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -766,6 +838,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_models,
     _add_train,
     _add_evaluate,
+    _add_calibrate,
     _add_compare,
     _add_reproduce,
     _add_predict,

@@ -27,7 +27,7 @@ REQUIRED_COLUMNS = (IMAGE_COLUMN, FINDINGS_COLUMN, PATIENT_COLUMN)
 DEMOGRAPHIC_COLUMNS = ("Patient Age", "Patient Gender", "View Position")
 
 
-def _find_file(data_dir: Path, names: Iterable[str]) -> Path | None:
+def find_file(data_dir: Path, names: Iterable[str]) -> Path | None:
     """The first of `names` (each tried plain, then gzipped) that exists in `data_dir`."""
     for name in names:
         for candidate in (data_dir / name, data_dir / f"{name}.gz"):
@@ -45,7 +45,7 @@ def find_table(data_dir: Path) -> Path:
     Raises:
         CxrError: when none of the known table names is there.
     """
-    path = _find_file(Path(data_dir), TABLE_NAMES)
+    path = find_file(Path(data_dir), TABLE_NAMES)
     if path is None:
         raise CxrError(f"{data_dir}: no label table ({' or '.join(TABLE_NAMES)}, plain or .gz)")
     return path
@@ -210,7 +210,7 @@ def read_official_lists(data_dir: Path) -> tuple[set[str], set[str]]:
     data_dir = Path(data_dir)
     lists = []
     for name in (TRAIN_VAL_LIST, TEST_LIST):
-        path = _find_file(data_dir, [name])
+        path = find_file(data_dir, [name])
         if path is None:
             raise CxrError(f"{data_dir}: no {name} (plain or .gz), needed for the official split")
         lists.append(_read_names(path))

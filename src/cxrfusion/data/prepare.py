@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,15 @@ from cxrfusion.data.cache import build_cache, open_cache
 from cxrfusion.data.chestmnist import is_chestmnist, load_chestmnist
 from cxrfusion.data.figures import findings_text, plot_label_distribution, plot_sample_grid
 from cxrfusion.data.imageio import check_image
-from cxrfusion.data.nih import find_images, find_table, read_official_lists, read_table
+from cxrfusion.data.nih import (
+    find_file,
+    find_images,
+    find_table,
+    read_official_lists,
+    read_table,
+)
 from cxrfusion.data.options import PrepareOptions
-from cxrfusion.data.split import make_split, summarise, write_split, write_summary
+from cxrfusion.data.split import SUMMARY_JSON, make_split, summarise, write_split, write_summary
 from cxrfusion.errors import CxrError
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,8 @@ def prepare(data_dir: Path, out: Path, options: PrepareOptions = PrepareOptions(
         split, source = load_chestmnist(data_dir, out, options.size, options.labels_only)
         excluded = pd.DataFrame(columns=["Image Index", "reason"])
         return Prepared(out, split, excluded, _write_outputs(out, split, excluded, options, source))
-    table = read_table(find_table(data_dir))
+    table_path = find_table(data_dir)
+    table = read_table(table_path)
     excluded = pd.DataFrame(columns=["Image Index", "reason"])
     if not options.labels_only:
         found, excluded = _check_images(data_dir, table["Image Index"].tolist())
@@ -77,7 +85,9 @@ def prepare(data_dir: Path, out: Path, options: PrepareOptions = PrepareOptions(
     )
     if not options.labels_only:
         split, excluded = _cache_images(data_dir, out, split, found, excluded, options)
-    return Prepared(out, split, excluded, _write_outputs(out, split, excluded, options))
+    # Recorded so that evaluation finds the files NIH ships beside the table (expert labels, boxes).
+    source = {"table": str(Path(table_path).resolve())}
+    return Prepared(out, split, excluded, _write_outputs(out, split, excluded, options, source))
 
 
 def _cache_images(
@@ -124,3 +134,29 @@ def _sample_grid(out: Path, split: pd.DataFrame, options: PrepareOptions) -> Pat
     rows = cache.rows_for(sample["Image Index"].tolist(), out)
     titles = [f"{r['Image Index']}\n{findings_text(r)}" for _, r in sample.iterrows()]
     return plot_sample_grid(np.asarray(cache.images[rows]), titles, out / "sample_images.png")
+
+
+def find_beside_table(prepared: Path, names: tuple[str, ...], option: str) -> Path:
+    """A file NIH ships beside its label table (plain or .gz), for the data `prepared` came from.
+
+    Args:
+        prepared: folder written by `prepare`; its split_summary.json records the table's path.
+        names: accepted file names, without .gz.
+        option: the command-line option that names the file explicitly (for the error message).
+
+    Raises:
+        CxrError: when the table's folder is unknown or holds none of `names`.
+    """
+    summary_path = Path(prepared) / SUMMARY_JSON
+    try:
+        table = json.loads(summary_path.read_text())["source"]["table"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CxrError(
+            f"{summary_path}: does not record the NIH table this data came from; pass {option}"
+        ) from None
+    found = find_file(Path(table).parent, names)
+    if found is None:
+        raise CxrError(
+            f"{Path(table).parent}: no {' or '.join(names)} (plain or .gz); pass {option}"
+        )
+    return found

@@ -20,6 +20,7 @@ import pandas as pd
 from cxrfusion.atomic import atomic_path, write_atomic
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.delong import clustered_delong_test, holm
+from cxrfusion.evaluation.expert_labels import expert_comparison
 from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
 from cxrfusion.evaluation.report import Section, render_html, render_markdown
 from cxrfusion.labels import LABELS
@@ -250,9 +251,25 @@ def write_comparison(result: ComparisonResult, out: Path) -> list[Path]:
         + "\n".join(f"- {n}: {d}" for n, d in zip(result.names, result.eval_dirs, strict=True)),
         table=_display_table(result),
     )
-    md_path = write_atomic(out / "comparison.md", render_markdown(title, [section], out))
+    sections = [section, *_expert_sections(result)]
+    md_path = write_atomic(out / "comparison.md", render_markdown(title, sections, out))
     csv_path = out / "comparison.csv"
     with atomic_path(csv_path) as tmp:
         result.table.to_csv(tmp)
-    html_path = write_atomic(out / "comparison.html", render_html(title, [section]))
+    html_path = write_atomic(out / "comparison.html", render_html(title, sections))
     return [md_path, csv_path, html_path]
+
+
+def _expert_sections(result: ComparisonResult) -> list[Section]:
+    """The expert-label AUCs of the runs evaluated with `--labels google2019`, if any."""
+    table = expert_comparison(result.eval_dirs, result.names)
+    if table is None:
+        return []
+    return [
+        Section(
+            "Expert-label ROC-AUC (Google 2019)",
+            text="AUC against radiologist labels on each run's images that carry them; blank "
+            "for a run evaluated without --labels google2019.",
+            table=table,
+        )
+    ]

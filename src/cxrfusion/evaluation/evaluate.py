@@ -33,6 +33,7 @@ from cxrfusion.evaluation.referral import referral_curve
 from cxrfusion.evaluation.sections import write_evaluation_report
 from cxrfusion.evaluation.subgroups import subgroup_aucs
 from cxrfusion.evaluation.temperature import apply_temperature, fit_temperature, write_temperature
+from cxrfusion.evaluation.trust import load_sources, trust_results
 from cxrfusion.evaluation.uncertainty import summarise_samples
 from cxrfusion.inference.runs import load_run, resolve_checkpoint
 from cxrfusion.labels import LABELS
@@ -59,6 +60,10 @@ class EvaluateOptions:
         seed: seed of the dropout masks and of the bootstrap.
         batch_size: images per forward pass.
         examples: images shown in the prediction grid and explained with Grad-CAM.
+        labels: "google2019" scores the images with Google's 2019 expert labels too.
+        labels_file: the expert label file (default: beside the NIH table).
+        boxes: localisation against NIH's boxes: None (off), "" (the file beside the NIH table)
+            or the box file.
     """
 
     split: str = "test"
@@ -70,6 +75,9 @@ class EvaluateOptions:
     seed: int = 0
     batch_size: int = 64
     examples: int = 4
+    labels: str | None = None
+    labels_file: str | None = None
+    boxes: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, ("test", "val", "train"))
@@ -157,6 +165,9 @@ def evaluate(
     module, config = load_run(checkpoint, device)
     model = module.model.to(memory_format=torch.channels_last)
     data = load_split_data(run_dir, config, {options.split, TUNING_SPLIT})
+    sources = load_sources(
+        Path(config.prepared), options.labels, options.labels_file, options.boxes
+    )
     logits = {
         name: predict_sample_logits(
             model,
@@ -190,6 +201,14 @@ def evaluate(
         table = predictions_table(evaluated.rows, summary, options.threshold)
         write_atomic(staging / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
         metrics["uncertainty"]["flagged"] = int(table["flag"].sum())
+        # Expert labels, NIH boxes and calibration.json score the unscaled MC means.
+        plain = summary if unscaled is None else summarise_samples(unscaled)
+        trust, trust_sections = trust_results(
+            sources, staging, run_dir, model, evaluated.dataset, evaluated.rows,
+            plain["mean"], plain["uncertainty"], config.input_size, options.bootstrap,
+            options.seed,
+        )  # fmt: skip
+        metrics.update(trust)
         write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
         figures = evaluation_figures(
             staging, evaluated.rows, evaluated.y, samples, summary, metrics["referral"],
@@ -199,7 +218,9 @@ def evaluate(
             staging, model, evaluated.dataset, evaluated.rows, evaluated.y, summary,
             options.examples,
         )  # fmt: skip
-        write_evaluation_report(staging, run_dir, config.to_yaml(), split, metrics, figures)
+        write_evaluation_report(
+            staging, run_dir, config.to_yaml(), split, metrics, figures, trust_sections
+        )
     if temperature is not None:
         write_temperature(run_dir, temperature, metrics["temperature_scaling"])
     log.info("evaluation of %s written to %s", run_dir, out)

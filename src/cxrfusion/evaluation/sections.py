@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +118,7 @@ def write_evaluation_report(
     split: pd.DataFrame,
     metrics: Mapping,
     figures: Mapping[str, Path],
+    extra: Sequence[Section] = (),
 ) -> tuple[Path, Path]:
     """Write report.html and report.md of one evaluation into `out`.
 
@@ -128,6 +129,7 @@ def write_evaluation_report(
         split: the run's whole split.csv (the data table).
         metrics: the evaluation's metrics.json content.
         figures: name -> PNG path from `evaluation_figures` and `example_figures`.
+        extra: further sections (expert labels, localisation, conformal), placed before "Data".
     """
     uncertainty = metrics["uncertainty"]
     notes = "".join(f"\n\n- {note}" for note in metrics["notes"])
@@ -176,6 +178,7 @@ def write_evaluation_report(
             for name, path in figures.items()
             if name.startswith("gradcam ")
         ],
+        *extra,
         Section(
             "Data",
             text="Images, patients and positives per split (split by patient).",
