@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -74,6 +75,9 @@ class CachedXrayDataset(Dataset):
     def images(self) -> np.ndarray:
         """The whole cache array (N, S, S) uint8, memory-mapped by this process on first use."""
         if self._images is None:
+            # Where a process starts reading images (a loader worker, or evaluate): the loader's
+            # workers are the parallelism, and OpenCV's own threads would fight them.
+            cv2.setNumThreads(1)
             self._images = np.load(self.cache_path, mmap_mode="r")
         return self._images
 

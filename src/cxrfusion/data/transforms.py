@@ -25,7 +25,6 @@ from cxrfusion.errors import CxrError
 Triple = tuple[float, float, float]
 IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
 IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
-cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads would fight them
 
 
 def _warp_matrix(source: int, size: int, angle: float, scale: float, flip: bool) -> np.ndarray:
