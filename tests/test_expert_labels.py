@@ -1,6 +1,7 @@
 """Expert labels and localisation on real NIH images, checked against pandas on the CSVs directly."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,8 +180,9 @@ def test_report_and_compare_show_expert_aucs_and_localisation(
     table = expert_comparison([sample_eval["out"]], ["cnn"])
     expected = sample_eval["metrics"]["expert_labels"]["expert"]["classes"]["Pneumothorax"]["auc"]
     assert table.loc["Pneumothorax", "cnn"] == pytest.approx(expected)
-    compared = tmp_path / "compare"
-    assert main(["compare", str(sample_eval["out"]), "--out", str(compared)]) == 0
+    compared, twin = tmp_path / "compare", tmp_path / "twin"
+    shutil.copytree(sample_eval["out"], twin)  # compare needs two runs: the same one twice
+    assert main(["compare", str(sample_eval["out"]), str(twin), "--out", str(compared)]) == 0
     assert "## Expert-label ROC-AUC (Google 2019)" in (compared / "comparison.md").read_text()
     if CHROMIUM.exists():
         shot, stderr = _screenshot(sample_eval["out"] / "report.html", tmp_path)
