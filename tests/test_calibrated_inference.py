@@ -101,7 +101,7 @@ def test_predict_writes_the_decisions_and_counts_the_referred(
     for row, entry in zip(table.itertuples(), document["predictions"], strict=True):
         marked = [x for x in LABELS if getattr(row, f"positive_{x}") == 1]
         assert marked == entry["conformal"]["positive"]
-    assert document["model"]["conformal"]["alpha"] == 0.2
+    assert document["conformal"]["alpha"] == 0.2
     assert f"{sum(referred)} referred under the conformal guarantee" in capsys.readouterr().out
 
 
@@ -113,3 +113,14 @@ def test_an_uncalibrated_run_reports_no_conformal_fields(
     assert "conformal" not in predictions[0].to_dict() and "conformal" not in classifier.card()
     columns = predictions.to_frame().columns
     assert "referred" not in columns and not any(c.startswith("positive_") for c in columns)
+
+
+def test_an_onnx_export_carries_the_calibration(
+    calibrated_run: Path, images: list[Path], tmp_path: Path
+) -> None:
+    from cxrfusion.inference.export import export_run
+
+    export_run(calibrated_run, tmp_path / "export")
+    classifier = Classifier.load(tmp_path / "export", engine="onnx", mc_samples=MC_SAMPLES)
+    assert classifier.spec.calibration == load_calibration(calibrated_run)
+    assert classifier.predict(images[0]).to_dict()["conformal"]["alpha"] == 0.2
