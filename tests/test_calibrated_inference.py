@@ -27,12 +27,12 @@ N_IMAGES = 24
 
 @pytest.fixture(scope="module")
 def calibrated_run(mc_dropout_run: Path, tmp_path_factory) -> Path:
-    """A copy of the shared phantom run, calibrated at alpha 0.2 and given temperatures (so that
-    scaled and unscaled means differ)."""
+    """A copy of the shared phantom run, calibrated at alpha 0.2 (referral alpha 0.02, so that some
+    images are referred) and given temperatures (so that scaled and unscaled means differ)."""
     run = tmp_path_factory.mktemp("calibrated_api") / "run"
     shutil.copytree(mc_dropout_run, run, ignore=shutil.ignore_patterns("last.ckpt", "eval_*"))
-    argv = ["calibrate", "--run", str(run), "--alpha", "0.2", "--mc-samples", str(MC_SAMPLES)]
-    assert main(argv) == 0
+    argv = ["calibrate", "--run", str(run), "--alpha", "0.2", "--referral-alpha", "0.02"]
+    assert main([*argv, "--mc-samples", str(MC_SAMPLES)]) == 0
     write_temperature(run, np.linspace(0.5, 2.0, len(LABELS)), {"split": "val"})
     return run
 
@@ -66,7 +66,7 @@ def test_predictions_carry_apply_calibration_on_the_unscaled_means(
     assert not np.allclose(unscaled["mean"], np.stack([p.probability for p in predictions]))
     np.testing.assert_array_equal(np.stack([p.positive for p in predictions]), positive)
     np.testing.assert_array_equal([p.referred for p in predictions], referred)
-    assert positive.any() and not positive.all()
+    assert positive.any() and not positive.all() and referred.any() and not referred.all()
 
     first = predictions[0].to_dict()["conformal"]
     assert first["alpha"] == 0.2 and first["referral_alpha"] == calibration.referral_alpha
