@@ -134,7 +134,7 @@ function render(result) {
     const referral = $("referral");
     referral.className = "referral " + (conformal.referred ? "review" : "clear");
     referral.textContent = (conformal.referred ? "Referred for review" : "Not referred") + " (conformal, alpha = " + conformal.referral_alpha + ")";
-    referral.title = "Marked pathologies are positive at thresholds with " + conformal.bound.replace("alpha", "alpha = " + conformal.alpha) + ".";
+    referral.title = "Referral rule fitted with conformal risk control: the expected share of images the model keeps with a missed finding is at most " + conformal.referral_alpha + ".";
   }
   const positive = new Set(conformal ? conformal.positive : []);
   $("warning").hidden = !result.warning;
