@@ -732,8 +732,16 @@ def _predict(args: argparse.Namespace) -> None:
     for _, reason in result.failures:
         print(f"cxrfusion predict: skipped {reason}", file=sys.stderr)
     flagged = sum(p.flag for p in result.predictions)
+    calibration = classifier.spec.calibration
+    referred = (
+        ""
+        if calibration is None
+        else f", {sum(p.referred for p in result.predictions)} referred under the conformal "
+        f"guarantee (referral alpha = {calibration.referral_alpha:g}, "
+        f"false-negative rate <= {calibration.alpha:g} per pathology)"
+    )
     print(
-        f"predicted {len(result.predictions)} image(s), {flagged} flagged for review; "
+        f"predicted {len(result.predictions)} image(s), {flagged} flagged for review{referred}; "
         f"results in {args.out / 'predictions.csv'} and {args.out / 'predictions.json'}"
     )
     if result.failures:

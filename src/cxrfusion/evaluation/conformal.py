@@ -228,12 +228,24 @@ def load_calibration(run_dir: Path) -> Calibration | None:
         return None
     try:
         data = json.loads(path.read_text())
-        calibration = Calibration(**data)
-    except (json.JSONDecodeError, TypeError) as error:
+    except json.JSONDecodeError as error:
         raise CxrError(f"{path}: not a calibration file ({error}); run calibrate again") from None
+    return calibration_from_dict(data, path)
+
+
+def calibration_from_dict(data: dict, where: Path | str) -> Calibration:
+    """A calibration from its saved fields (calibration.json, or an export's model.json), checked.
+
+    Raises:
+        CxrError: fields are missing or a pathology has no threshold; the message names `where`.
+    """
+    try:
+        calibration = Calibration(**data)
+    except TypeError as error:
+        raise CxrError(f"{where}: not a calibration file ({error}); run calibrate again") from None
     missing = set(LABELS) - set(calibration.thresholds)
     if missing:
-        raise CxrError(f"{path}: no threshold for {sorted(missing)[0]}; run calibrate again")
+        raise CxrError(f"{where}: no threshold for {sorted(missing)[0]}; run calibrate again")
     return calibration
 
 

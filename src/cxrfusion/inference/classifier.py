@@ -4,7 +4,8 @@ A source (file path, uploaded bytes or array) is decoded and brought to model in
 `transforms.preprocess` and `transforms.normalize`, the functions training and evaluation use, so a
 file gets exactly the pixels the model was trained on. An engine returns MC-dropout logits; the
 run's temperatures, the uncertainty summary and the review flag are computed here with evaluate's
-code (`evaluation.uncertainty`).
+code (`evaluation.uncertainty`), and, when the run was calibrated (`cxrfusion calibrate`), the
+conformal decisions and referral with `evaluation.conformal.apply_calibration`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import base64
 import importlib
 import io
+import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +27,16 @@ from scipy.special import expit
 from cxrfusion.data.imageio import minmax_to_uint8, read_radiograph
 from cxrfusion.data.transforms import normalize, preprocess
 from cxrfusion.errors import CxrError
+from cxrfusion.evaluation.conformal import Calibration, apply_calibration
 from cxrfusion.evaluation.uncertainty import flag, summarise_samples
 from cxrfusion.inference.engines import ENGINE_LOADERS, Engine, ModelSpec
 
+log = logging.getLogger(__name__)
+
 Source = str | Path | tuple[str, bytes] | np.ndarray
+CONFORMAL_BOUND = (
+    "expected false-negative rate <= alpha per pathology (conformal risk control, validation split)"
+)
 GRADCAM_TOP = 3  # heatmaps for the most probable pathologies only: one backward pass each
 INTENDED_USE = (
     "Research use: multi-label screening of frontal chest radiographs for the 14 ChestX-ray14 "
@@ -58,6 +66,11 @@ class Prediction:
         heatmaps: label -> Grad-CAM heatmap (H, W) in [0, 1], only when asked for.
         threshold: the review threshold used for `flag`.
         labels: the pathology names.
+        calibration: the run's conformal calibration, or None (then `positive` and `referred`
+            are None too).
+        positive: (14,) bool: probability >= the pathology's conformal threshold, so that the
+            expected false-negative rate is at most `calibration.alpha`.
+        referred: uncertainty >= the conformal referral threshold: send to a radiologist.
     """
 
     source: str
@@ -72,10 +85,14 @@ class Prediction:
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
     threshold: float = 0.1
     labels: tuple[str, ...] = ()
+    calibration: Calibration | None = None
+    positive: np.ndarray | None = None
+    referred: bool | None = None
 
     def to_dict(self, heatmap_png: bool = False) -> dict:
         """JSON-ready: source, uncertainty, flag, threshold, warning, one entry per pathology,
-        and with `heatmap_png` each heatmap as a base64 PNG overlay on the model's input image."""
+        when calibrated the conformal decisions with their bound (`conformal`), and with
+        `heatmap_png` each heatmap as a base64 PNG overlay on the model's input image."""
         out = {
             "source": self.source,
             "uncertainty": float(self.uncertainty),
@@ -93,6 +110,16 @@ class Prediction:
                 for i, label in enumerate(self.labels)
             ],
         }
+        if self.calibration is not None:
+            out["conformal"] = {
+                "alpha": self.calibration.alpha,
+                "referral_alpha": self.calibration.referral_alpha,
+                "referred": bool(self.referred),
+                "positive": [
+                    label for label, p in zip(self.labels, self.positive, strict=True) if p
+                ],
+                "bound": CONFORMAL_BOUND,
+            }
         if heatmap_png and self.heatmaps:
             out["heatmaps"] = {
                 label: base64.b64encode(overlay_png(self.image, heatmap)).decode("ascii")
@@ -116,13 +143,19 @@ class Predictions(list):
     def to_frame(self) -> pd.DataFrame:
         """evaluate's predictions.csv columns without the truths: `source` for the image and
         patient columns, the 14 mean probabilities, the 14 `<label>_std`, `uncertainty`, `flag`
-        (0/1), plus `warning`."""
+        (0/1), plus `warning`; when calibrated, `referred` and `positive_<label>` (0/1)."""
         rows = []
         for p in self:
             row = {"source": p.source}
             row |= dict(zip(p.labels, p.probability.tolist(), strict=True))
             row |= {f"{label}_std": v for label, v in zip(p.labels, p.std.tolist(), strict=True)}
             row |= {"uncertainty": p.uncertainty, "flag": int(p.flag), "warning": p.warning}
+            if p.calibration is not None:
+                row["referred"] = int(p.referred)
+                row |= {
+                    f"positive_{label}": int(v)
+                    for label, v in zip(p.labels, p.positive, strict=True)
+                }
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -171,6 +204,15 @@ class Classifier:
         self.mc_samples = mc_samples
         self.threshold = spec.threshold if threshold is None else float(threshold)
         self.seed = seed
+        fitted = spec.calibration
+        if fitted is not None and (fitted.mc_samples != mc_samples or fitted.mc_mode != "head"):
+            log.warning(
+                "calibration.json was fitted with %d MC-dropout samples (%s), this classifier "
+                "draws %d (head): its conformal bound holds for the calibrated setting only",
+                fitted.mc_samples,
+                fitted.mc_mode,
+                mc_samples,
+            )
 
     @classmethod
     def load(
@@ -268,10 +310,15 @@ class Classifier:
         rng = rng if rng is not None else np.random.default_rng(self.seed)
         x = self.model_input(np.stack([p.image for p in images]))
         logits = self.engine.sample_logits(x, self.mc_samples, rng).astype(np.float64)
+        unscaled = summary = summarise_samples(expit(logits))
         if self.spec.temperatures is not None:
-            logits = logits / self.spec.temperatures
-        summary = summarise_samples(expit(logits))
+            summary = summarise_samples(expit(logits / self.spec.temperatures))
         flags = flag(summary["uncertainty"], self.threshold)
+        calibration = self.spec.calibration
+        if calibration is not None:  # fitted on unscaled means, as calibrate computes them
+            positive, referred = apply_calibration(
+                unscaled["mean"], unscaled["uncertainty"], calibration
+            )
         predictions = []
         for i, prepared in enumerate(images):
             prediction = Prediction(
@@ -287,6 +334,10 @@ class Classifier:
                 threshold=self.threshold,
                 labels=self.labels,
             )
+            if calibration is not None:
+                prediction.calibration = calibration
+                prediction.positive = positive[i]
+                prediction.referred = bool(referred[i])
             if gradcam:
                 prediction.heatmaps = self._heatmaps(x[i : i + 1], prediction.probability)
             predictions.append(prediction)
@@ -303,14 +354,15 @@ class Classifier:
 
     def card(self) -> dict:
         """The model card: what the model is, what it was trained and validated on, its
-        threshold and temperatures, and its intended use and limits."""
+        threshold, temperatures and conformal calibration (when calibrated), and its intended use
+        and limits."""
         spec = self.spec
         temperatures = (
             None
             if spec.temperatures is None
             else dict(zip(self.labels, spec.temperatures.tolist(), strict=True))
         )
-        return {
+        card = {
             "labels": list(self.labels),
             "architecture": spec.model,
             "input_size": spec.input_size,
@@ -323,6 +375,9 @@ class Classifier:
             "intended_use": INTENDED_USE,
             "limits": LIMITS,
         }
+        if spec.calibration is not None:
+            card["conformal"] = {**asdict(spec.calibration), "bound": CONFORMAL_BOUND}
+        return card
 
 
 def _array_pixels(array: np.ndarray, name: str) -> np.ndarray:

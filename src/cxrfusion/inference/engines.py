@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cxrfusion.data.transforms import Triple
+from cxrfusion.evaluation.conformal import Calibration, load_calibration
 from cxrfusion.evaluation.temperature import read_temperature
 from cxrfusion.evaluation.uncertainty import mc_dropout_logits
 from cxrfusion.inference.runs import load_run, run_card, run_threshold
@@ -54,6 +55,8 @@ class ModelSpec:
         threshold: review threshold on the uncertainty score.
         temperatures: per-class temperatures (14,) fitted by evaluate, or None.
         details: the model card's run-derived part (`runs.run_card`).
+        calibration: the run's conformal decision thresholds and referral rule
+            (`cxrfusion calibrate`), or None.
     """
 
     labels: tuple[str, ...]
@@ -65,6 +68,7 @@ class ModelSpec:
     threshold: float
     temperatures: np.ndarray | None = None
     details: dict = field(default_factory=dict)
+    calibration: Calibration | None = None
 
 
 class TorchEngine:
@@ -104,7 +108,8 @@ def load_torch(run: Path, device: str | None = None) -> tuple[TorchEngine, Model
 
     Args:
         run: the run; its best.ckpt, config.yaml, and when present temperature.json and
-            eval_*/metrics.json (the threshold it was evaluated with) are read.
+            eval_*/metrics.json (the threshold it was evaluated with) and calibration.json are
+            read.
         device: "cpu", "cuda", ...; default CUDA when available.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,5 +126,6 @@ def load_torch(run: Path, device: str | None = None) -> tuple[TorchEngine, Model
         threshold=run_threshold(run_dir),
         temperatures=read_temperature(run_dir),
         details=run_card(run_dir),
+        calibration=load_calibration(run_dir),
     )
     return TorchEngine(model, device), spec

@@ -258,6 +258,7 @@ def export_run(
         sample: images normalised for the model, for the parity check; default: 4 seeded
             random images.
     """
+    from cxrfusion.evaluation.conformal import load_calibration
     from cxrfusion.evaluation.temperature import read_temperature
     from cxrfusion.inference.runs import load_run, run_card, run_threshold
 
@@ -270,6 +271,7 @@ def export_run(
         images = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
         sample = normalize(images, model.mean, model.std)
     temperatures = read_temperature(run)
+    calibration = load_calibration(run)
     metadata = {
         "model": config.model,
         "labels": list(LABELS),
@@ -279,6 +281,7 @@ def export_run(
         "temperatures": None
         if temperatures is None
         else dict(zip(LABELS, temperatures.tolist(), strict=True)),
+        "calibration": None if calibration is None else asdict(calibration),
         "card": run_card(run),
         "run": str(run.resolve()),
     }

@@ -169,6 +169,7 @@ def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelS
     """
     # The spec type lives with the torch engine; importing it here keeps this module torch-free
     # for callers that use OnnxEngine alone.
+    from cxrfusion.evaluation.conformal import calibration_from_dict
     from cxrfusion.inference.engines import ModelSpec
 
     if device not in (None, "cpu"):
@@ -176,6 +177,7 @@ def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelS
     engine = OnnxEngine(path)
     meta = engine.metadata
     temperatures = meta.get("temperatures")
+    calibration = meta.get("calibration")
     spec = ModelSpec(
         labels=engine.labels,
         model=meta["model"],
@@ -188,5 +190,8 @@ def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelS
         if temperatures is None
         else np.array([temperatures[k] for k in engine.labels]),
         details=meta.get("card", {}),
+        calibration=None
+        if calibration is None
+        else calibration_from_dict(calibration, engine.folder / MODEL_JSON),
     )
     return engine, spec

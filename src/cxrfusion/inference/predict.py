@@ -80,7 +80,8 @@ def predict_files(
     """Predict every image among `inputs` and write the results into `out`.
 
     Writes `predictions.csv` (`Predictions.to_frame`), `predictions.json` (the model card's
-    essentials, each prediction's `to_dict`, and the failures) and, with `gradcam`,
+    essentials, its conformal calibration when there is one, each prediction's `to_dict`, and the
+    failures) and, with `gradcam`,
     `gradcam/<n>_<name>.png` (the image and the heatmaps of its 3 most probable findings).
 
     Args:
@@ -137,6 +138,7 @@ def _write(out: Path, classifier: Classifier, result: PredictResult, gradcam: bo
     document = {
         "model": {key: card[key] for key in ("architecture", "threshold", "mc_samples")},
         "temperatures": card["temperatures"],
+        **({"conformal": card["conformal"]} if "conformal" in card else {}),
         "predictions": [p.to_dict() for p in result.predictions],
         "failed": [{"source": source, "error": reason} for source, reason in result.failures],
     }

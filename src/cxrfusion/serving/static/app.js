@@ -74,6 +74,7 @@ function cardRows(card) {
   if (!evaluations.length) rows.push(["Validation", "not evaluated yet (cxrfusion evaluate)"]);
   rows.push(["Review threshold", card.threshold.toFixed(3) + " (mean MC-dropout std; T = " + card.mc_samples + ")"]);
   rows.push(["Temperature scaling", card.temperatures ? "fitted per pathology" : "none"]);
+  if (card.conformal) rows.push(["Conformal decisions", card.conformal.bound.replace("alpha", "alpha = " + card.conformal.alpha) + "; referral: retained miss rate <= " + card.conformal.referral_alpha + " (" + card.conformal.n_calibration.toLocaleString() + " + " + card.conformal.n_referral.toLocaleString() + " validation images, T = " + card.conformal.mc_samples + ")"]);
   rows.push(["Intended use", card.intended_use], ["Limits", card.limits]);
   return rows;
 }
@@ -127,17 +128,28 @@ function render(result) {
     el("strong", { textContent: result.flag ? "Review recommended" : "No review flag" }),
     el("span", { textContent: comparison + " (mean MC-dropout std of the 14 pathologies)." }),
   );
+  const conformal = result.conformal;
+  $("referral").hidden = !conformal;
+  if (conformal) {
+    const referral = $("referral");
+    referral.className = "referral " + (conformal.referred ? "review" : "clear");
+    referral.textContent = (conformal.referred ? "Referred for review" : "Not referred") + " (conformal, alpha = " + conformal.referral_alpha + ")";
+    referral.title = "Referral rule fitted with conformal risk control: the expected share of images the model keeps with a missed finding is at most " + conformal.referral_alpha + ".";
+  }
+  const positive = new Set(conformal ? conformal.positive : []);
   $("warning").hidden = !result.warning;
   $("warning").textContent = result.warning ? "Warning: " + result.warning : "";
-  const rows = result.pathologies.map((p) => row(p, result.heatmaps && result.heatmaps[p.label]));
+  const rows = result.pathologies.map((p) => row(p, result.heatmaps && result.heatmaps[p.label], positive.has(p.label)));
   $("probs").tBodies[0].replaceChildren(...rows);
   $("probs").hidden = false;
   $("legend").hidden = false;
+  $("legend-conformal").hidden = !conformal;
+  if (conformal) $("conformal-alpha").textContent = String(conformal.alpha);
   const top = result.pathologies.reduce((a, b) => (b.probability > a.probability ? b : a));
   select(result.heatmaps ? top.label : null);
 }
 
-function row(p, hasHeatmap) {
+function row(p, hasHeatmap, positive) {
   const low = Math.max(0, p.probability - p.std);
   const high = Math.min(1, p.probability + p.std);
   const track = el("div", { className: "track" }, [
@@ -150,8 +162,9 @@ function row(p, hasHeatmap) {
   track.title = p.label + ": " + p.probability.toFixed(3) + " ± " + p.std.toFixed(3);
   const name = el("button", { type: "button", textContent: p.label.replace(/_/g, " "), disabled: !hasHeatmap });
   name.addEventListener("click", () => select(p.label));
+  const cell = positive ? [name, el("span", { className: "positive", textContent: "positive", title: "conformal decision: positive" })] : [name];
   const tr = el("tr", {}, [
-    el("td", {}, [name]),
+    el("td", {}, cell),
     el("td", {}, [track]),
     el("td", { className: "num value", textContent: p.probability.toFixed(3) }),
     el("td", { className: "num", textContent: p.std.toFixed(3) }),
