@@ -14,6 +14,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from cxrfusion.data.nih import DEMOGRAPHIC_COLUMNS
+from cxrfusion.errors import CxrError
 from cxrfusion.evaluation import evaluate as pipeline
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
 from cxrfusion.evaluation.temperature import read_temperature
@@ -89,6 +90,7 @@ def test_evaluating_the_split_temperatures_were_fitted_on_warns_and_replaces_the
 ) -> None:
     out = tmp_path / "eval_val"
     out.mkdir()
+    (out / "metrics.json").write_text("{}")  # an older evaluation: replaced as a whole
     (out / "stale.txt").write_text("from an older evaluation")
     options = EvaluateOptions(split="val", temperature_scale=True, **QUICK)
     with caplog.at_level(logging.WARNING):
@@ -130,3 +132,33 @@ def test_a_split_without_demographic_columns_skips_subgroups_with_a_note(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["subgroups"] == {} and "subgroups skipped" in metrics["subgroups_note"]
     assert "subgroups skipped" in (out / "report.md").read_text()
+
+
+def test_out_never_replaces_the_run_or_a_folder_that_is_not_an_evaluation(
+    run: Path, tmp_path: Path
+) -> None:
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(CxrError, match="replace the run itself"):
+        evaluate(run, out=run)
+    with pytest.raises(CxrError, match="replace the run itself"):
+        evaluate(run, out=run.parent)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    with pytest.raises(CxrError, match="not an evaluation"):
+        evaluate(run, out=notes)
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert (notes / "mine.txt").read_text() == "keep me"
+
+
+def test_a_saved_temperature_is_applied_by_a_later_evaluation_without_scaling(
+    run: Path, scaled: Path, tmp_path: Path
+) -> None:
+    out = evaluate(run, out=tmp_path / "again", options=EvaluateOptions(**QUICK))
+    metrics = json.loads((out / "metrics.json").read_text())
+    saved = read_temperature(run)
+    assert np.allclose([metrics["temperature"][label] for label in LABELS], saved)
+    assert any("temperature.json" in note for note in metrics["notes"])
+    first = pd.read_csv(scaled / "predictions.csv")
+    again = pd.read_csv(out / "predictions.csv")
+    assert np.allclose(first[list(LABELS)], again[list(LABELS)], atol=1e-6)

@@ -306,7 +306,8 @@ def _check_train(args: argparse.Namespace) -> None:
         raise CxrError(
             f"{prepared}: no split.csv; run `cxrfusion prepare --out {prepared}` or pass --data"
         )
-    if args.data and not Path(args.data).is_dir():
+    chestmnist = str(args.data).startswith("chestmnist") or str(args.data).endswith(".npz")
+    if args.data and not (Path(args.data).is_dir() or chestmnist):
         raise CxrError(f"{args.data}: no such data folder (--data)")
     check_can_run(config)
 

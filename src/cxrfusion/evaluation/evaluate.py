@@ -25,6 +25,7 @@ from cxrfusion.data.dataset import CachedXrayDataset, split_datasets
 from cxrfusion.data.split import read_split
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.calibration import calibration_summary
+from cxrfusion.evaluation.conformal import Calibration, load_calibration
 from cxrfusion.evaluation.figures import evaluation_figures, example_figures
 from cxrfusion.evaluation.metrics import auc_summary, per_class_average_precision
 from cxrfusion.evaluation.operating_points import operating_points
@@ -32,7 +33,12 @@ from cxrfusion.evaluation.predictions import predict_sample_logits, predictions_
 from cxrfusion.evaluation.referral import referral_curve
 from cxrfusion.evaluation.sections import write_evaluation_report
 from cxrfusion.evaluation.subgroups import subgroup_aucs
-from cxrfusion.evaluation.temperature import apply_temperature, fit_temperature, write_temperature
+from cxrfusion.evaluation.temperature import (
+    apply_temperature,
+    fit_temperature,
+    read_temperature,
+    write_temperature,
+)
 from cxrfusion.evaluation.trust import load_sources, trust_results
 from cxrfusion.evaluation.uncertainty import summarise_samples
 from cxrfusion.inference.runs import load_run, resolve_checkpoint
@@ -122,6 +128,17 @@ def load_split_data(run_dir: Path, config, names: set[str]) -> dict[str, SplitDa
     return data
 
 
+def _check_out(out: Path, run_dir: Path) -> Path:
+    """An evaluation folder that replacing cannot destroy anything else: not the run itself or a
+    folder above it, and, when it exists, an earlier evaluation (it holds metrics.json) or empty."""
+    out = out.resolve()
+    if run_dir.resolve().is_relative_to(out):
+        raise CxrError(f"{out}: --out would replace the run itself; choose a folder inside it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise CxrError(f"{out}: --out holds files that are not an evaluation; choose another")
+    return out
+
+
 @contextmanager
 def _staged(out: Path) -> Iterator[Path]:
     """A fresh sibling folder to write into; renamed to `out` (replacing it) when complete.
@@ -160,7 +177,7 @@ def evaluate(
     """
     checkpoint = resolve_checkpoint(run)
     run_dir = checkpoint.parent
-    out = Path(out) if out else run_dir / f"eval_{options.split}"
+    out = _check_out(Path(out), run_dir) if out else run_dir / f"eval_{options.split}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module, config = load_run(checkpoint, device)
     model = module.model.to(memory_format=torch.channels_last)
@@ -185,6 +202,12 @@ def evaluate(
     if options.temperature_scale:
         temperature = fit_temperature(logits[TUNING_SPLIT], tuning.y)
         _note_scaling(metrics, temperature, options, len(tuning.rows))
+    elif (temperature := read_temperature(run_dir)) is not None:
+        # The predictor that predict, the API and the service use: the run's saved temperatures.
+        metrics["temperature"] = dict(zip(LABELS, temperature.tolist(), strict=True))
+        metrics["notes"].append(
+            "the run's temperature.json (from an earlier --temperature-scale) is applied"
+        )
     samples = apply_temperature(logits[options.split], 1.0 if temperature is None else temperature)
     val_samples = apply_temperature(
         logits[TUNING_SPLIT], 1.0 if temperature is None else temperature
@@ -209,6 +232,8 @@ def evaluate(
             options.seed,
         )  # fmt: skip
         metrics.update(trust)
+        if "conformal" in trust:
+            metrics["notes"].extend(_conformal_notes(load_calibration(run_dir), options))
         write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
         figures = evaluation_figures(
             staging, evaluated.rows, evaluated.y, samples, summary, metrics["referral"],
@@ -221,10 +246,27 @@ def evaluate(
         write_evaluation_report(
             staging, run_dir, config.to_yaml(), split, metrics, figures, trust_sections
         )
-    if temperature is not None:
+    if options.temperature_scale:
         write_temperature(run_dir, temperature, metrics["temperature_scaling"])
     log.info("evaluation of %s written to %s", run_dir, out)
     return out
+
+
+def _conformal_notes(calibration: Calibration, options: EvaluateOptions) -> list[str]:
+    """When the realised rates on this split do not test the guarantee as calibrated."""
+    notes = []
+    fitted = (calibration.mc_samples, calibration.mc_mode)
+    if fitted != (options.mc_samples, options.mc_mode):
+        notes.append(
+            f"calibration.json was fitted on {fitted[0]} MC samples ({fitted[1]} mode), this "
+            f"evaluation used {options.mc_samples} ({options.mc_mode}): its bound is for the former"
+        )
+    if options.split == TUNING_SPLIT:
+        notes.append(
+            f"calibration.json was fitted on the {TUNING_SPLIT} split evaluated here: its "
+            "realised false-negative rates are optimistic"
+        )
+    return notes
 
 
 def _note_scaling(

@@ -88,12 +88,17 @@ def _calibration_section(metrics: Mapping, figure: Path) -> Section:
         return Section(
             "Calibration", table=calibration_table(metrics["calibration"]), figure=figure
         )
-    scaling = metrics["temperature_scaling"]
+    scaling = metrics.get("temperature_scaling")
+    origin = (
+        f"fitted on the {scaling['fitted_on']} split's MC-dropout logits and saved as "
+        "temperature.json in the run"
+        if scaling
+        else "read from the run's temperature.json (fitted by an earlier evaluation)"
+    )
     return Section(
         "Calibration",
-        text=f"Per-class temperatures fitted on the {scaling['fitted_on']} split's MC-dropout "
-        "logits (the predictor is the mean of sigmoid(logit / T) over the dropout samples) and "
-        "saved as temperature.json in the run.",
+        text=f"Per-class temperatures {origin}; the predictor is the mean of sigmoid(logit / T) "
+        "over the dropout samples.",
         table=calibration_table(before, metrics["calibration"]),
         figure=figure,
         caption="Reliability of all image-class pairs before and after temperature scaling.",

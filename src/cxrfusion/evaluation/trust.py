@@ -139,6 +139,9 @@ def calibrate_run(
     The scores are the MC-dropout means and uncertainties that `evaluate`, the API and the service
     compute with the same `mc_samples` and `mc_mode`.
     """
+    for name, value in (("--alpha", alpha), ("--referral-alpha", referral_alpha)):
+        if not 0 < value < 1:  # checked before the long pass over the validation split
+            raise CxrError(f"{name} must be in (0, 1), got {value}")
     import torch
     from scipy.special import expit
 

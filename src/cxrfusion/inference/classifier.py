@@ -172,7 +172,9 @@ class PreparedImage:
 class Classifier:
     """A trained model ready to predict radiographs, with MC-dropout uncertainty.
 
-    Use `Classifier.load(run)`; the constructor takes an engine and its spec.
+    Use `Classifier.load(run)`; the constructor takes an engine and its spec. Not thread-safe:
+    MC dropout switches the shared model's dropout on and off, so threads share one instance
+    behind a lock or a single worker (as `cxrfusion serve` does).
 
     Args:
         engine: computes logits (`engines.Engine`).

@@ -160,6 +160,20 @@ class OnnxEngine:
         return logits.reshape(samples, len(x), -1)
 
 
+def _warn_if_stale(folder: Path) -> None:
+    """An export inside a run copies its temperatures and calibration: say when the run has newer
+    ones (evaluate --temperature-scale or calibrate after export), which the torch engine uses."""
+    written = (folder / MODEL_JSON).stat().st_mtime
+    for name in ("temperature.json", "calibration.json"):
+        saved = folder.parent / name
+        if saved.is_file() and saved.stat().st_mtime > written:
+            log.warning(
+                "%s is newer than the export %s: run `cxrfusion export` again to use it",
+                saved,
+                folder,
+            )
+
+
 def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelSpec]:
     """The engine and spec of an export, for `Classifier.load(path, engine="onnx")`.
 
@@ -175,6 +189,7 @@ def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelS
     if device not in (None, "cpu"):
         raise CxrError(f"--device {device}: the onnx engine runs on the CPU; use --engine torch")
     engine = OnnxEngine(path)
+    _warn_if_stale(find_export(path))
     meta = engine.metadata
     temperatures = meta.get("temperatures")
     calibration = meta.get("calibration")

@@ -106,16 +106,28 @@ def check_can_run(config: TrainConfig) -> None:
             f"{setting('model')} must be one of {', '.join(list_models())} or a timm model name "
             f"(timm.list_models()), got {config.model!r}"
         )
-    if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
+    named = config.weights in ("imagenet", "none") or config.weights.startswith("torchxrayvision:")
+    if not named and not Path(config.weights).is_file():
         raise InvalidOption(
-            f"{setting('weights')} must be imagenet, none or a weights file, got {config.weights!r}"
-            " (no such file)"
+            f"{setting('weights')} must be imagenet, none, torchxrayvision:NAME or a weights "
+            f"file, got {config.weights!r} (no such file)"
         )
     if config.strategy != "auto" and config.strategy not in StrategyRegistry.available_strategies():
         raise InvalidOption(
             f"{setting('strategy')} must be auto or a Lightning strategy such as ddp, ddp_spawn, "
             f"fsdp (StrategyRegistry.available_strategies()), got {config.strategy!r}"
         )
+    if config.input_size < 32:  # ChestMNIST's 28 px: too small for the backbones' downsampling?
+        from cxrfusion.models import create_model
+
+        try:
+            with torch.no_grad():
+                create_model(config.model).eval()(torch.zeros(1, 3, *[config.input_size] * 2))
+        except RuntimeError:
+            raise InvalidOption(
+                f"{setting('input_size')} {config.input_size} px is too small for "
+                f"{config.model}'s downsampling; use 32 or more (simple_cnn trains at 28)"
+            ) from None
     available = {
         "gpu": torch.cuda.is_available(),
         "cuda": torch.cuda.is_available(),
