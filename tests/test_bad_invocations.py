@@ -101,6 +101,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compare-missing-folder", ["compare", "run_a", "nowhere"], "nowhere"),
     ("compare-runs-not-evaluated", ["compare", "run_a", "run_b"], "predictions.csv"),
     ("compare-unknown-split", ["compare", "run_a", "run_b", "--split", "all"], "all"),
+    ("download-no-workers", ["download", "nih", "--out", "d", "--workers", "0"], "--workers"),
+    ("download-archive-13", ["download", "nih", "--out", "d", "--only", "13"], "--only"),
+    ("download-from-nowhere", ["download", "nih", "--out", "d", "--from", "nowhere"], "nowhere"),
+    ("export-missing-run", ["export", "--run", "nowhere"], "nowhere"),
+    ("predict-missing-run", ["predict", "--run", "nowhere", "x.png"], "nowhere"),
+    ("serve-port-zero", ["serve", "--run", "run_empty", "--port", "0"], "--port"),
+    ("calibrate-missing-run", ["calibrate", "--run", "nowhere"], "nowhere"),
+    ("reproduce-missing-data", ["reproduce", "--data", "nowhere", "--dry-run"], "nowhere"),
 ]
 
 

@@ -184,6 +184,8 @@ def download_nih(
     """
     if from_dir is not None and not Path(from_dir).is_dir():
         raise CxrError(f"--from {from_dir}: not a folder")
+    if workers < 1:
+        raise CxrError(f"--workers must be >= 1, got {workers}")
     todo = select(remotes, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +200,7 @@ def download_nih(
     )
     fetcher = _Fetcher(out, base_url, from_dir, keep_archives, retries, bar)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             try:
                 futures = [pool.submit(fetcher.fetch, remote) for remote in todo]
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
