@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole pipeline on built-in phantoms, CPU-sized: synth > prepare > train two models >
-# evaluate both > compare > predict new files. Each step is the CLI a user would type.
+# evaluate both > compare > predict new files (PyTorch, then the ONNX export on ONNX Runtime).
+# Each step is the CLI a user would type.
 CX := $(BIN)/cxrfusion
 QUICK := --weights none --cache-size 128 --workers 2
 demo: $(STAMP)
@@ -31,6 +32,8 @@ demo: $(STAMP)
 	$(CX) compare $(DEMO)/simple_cnn $(DEMO)/fusion --out $(DEMO)/comparison
 	mkdir -p $(DEMO)/new_images && cp $(DEMO)/phantoms/images/0000000[1-5]_*.png $(DEMO)/new_images/
 	$(CX) predict --run $(DEMO)/fusion $(DEMO)/new_images --out $(DEMO)/predictions
+	$(CX) export --run $(DEMO)/fusion
+	$(CX) predict --run $(DEMO)/fusion $(DEMO)/new_images --out $(DEMO)/predictions_onnx --engine onnx
 	@echo
 	@echo "demo outputs in $(DEMO)/:"
 	@echo "  data:     $(DEMO)/phantoms, split + cache + figures in $(DEMO)/prepared"
@@ -38,6 +41,7 @@ demo: $(STAMP)
 	@echo "  reports:  $(DEMO)/simple_cnn/eval_test/report.html, $(DEMO)/fusion/eval_test/report.html"
 	@echo "  table 2:  $(DEMO)/comparison/comparison.md"
 	@echo "  predict:  $(DEMO)/predictions/predictions.csv, predictions.json (images: $(DEMO)/new_images)"
+	@echo "  ONNX:     $(DEMO)/fusion/export, its predictions in $(DEMO)/predictions_onnx"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

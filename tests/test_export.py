@@ -5,6 +5,7 @@ check fails."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -20,18 +21,20 @@ from torch import nn
 
 from cxrfusion import Classifier
 from cxrfusion.cli import main
+from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.imageio import read_resized
 from cxrfusion.data.transforms import normalize
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.temperature import write_temperature
 from cxrfusion.evaluation.uncertainty import mc_dropout_samples
 from cxrfusion.inference import onnx_engine
-from cxrfusion.inference.export import export_model
+from cxrfusion.inference.export import export_model, parity_images
 from cxrfusion.inference.onnx_engine import OnnxEngine
 from cxrfusion.inference.runs import load_run
 from cxrfusion.labels import LABELS
 from cxrfusion.models import create_model
 from cxrfusion.models.base import CxrModel
+from cxrfusion.training.config import TrainConfig
 
 SIZE = 64  # small input: export time, not resolution, is what these tests pay for
 TOLERANCE = 1e-4
@@ -220,6 +223,22 @@ def test_export_replaces_a_previous_export_but_refuses_another_folder(nih_sample
     with pytest.raises(CxrError, match="holds no export"):
         export_model(model, tmp_path / "notes", {}, x)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_a_run_is_checked_on_its_validation_images_or_else_on_phantoms(mc_dropout_run, tmp_path):
+    config = TrainConfig.from_yaml(mc_dropout_run / "config.yaml")
+    images, source = parity_images(mc_dropout_run, config)
+    val = split_datasets(
+        Path(config.prepared), SIZE, SIZE, split_file=mc_dropout_run / "split.csv"
+    )["val"]
+    expected = np.stack([val[i][0][0].numpy() for i in range(4)])
+    assert np.array_equal(images, expected) and source.startswith("4 validation images")
+
+    elsewhere = dataclasses.replace(config, prepared=str(tmp_path / "moved"))
+    images, source = parity_images(mc_dropout_run, elsewhere)
+    assert source == "4 built-in phantom radiographs"
+    assert images.shape == (4, SIZE, SIZE) and images.dtype == np.uint8
+    assert len({image.tobytes() for image in images}) == 4  # four different chests
 
 
 def test_onnx_engine_module_runs_without_importing_torch():

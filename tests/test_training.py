@@ -33,7 +33,7 @@ from cxrfusion.inference.runs import load_run
 from cxrfusion.labels import LABELS
 from cxrfusion.models import create_model, save_backbone_weights
 from cxrfusion.training.config import TrainConfig
-from cxrfusion.training.fit import best_epoch, train
+from cxrfusion.training.fit import _write_run_files, best_epoch, train
 from cxrfusion.training.losses import create_loss
 
 PHANTOM_SIZE = 64  # the side of the phantoms and cache made by conftest.py
@@ -87,6 +87,16 @@ def test_a_run_directory_holds_everything_to_reproduce_and_reload_it(simple_cnn_
     for key in ("git_commit", "torch", "lightning", "timm", "numpy", "cache_fingerprint"):
         assert key in environment, key
     assert environment["cache_fingerprint"] == open_cache(prepared, PHANTOM_SIZE).fingerprint
+
+
+def test_config_yaml_names_the_prepared_folder_from_anywhere(prepared, tmp_path, monkeypatch):
+    """Trained with a relative --prepared, the run is still evaluated from another folder."""
+    monkeypatch.chdir(prepared.parent)
+    config = TrainConfig(prepared=prepared.name, out="run", **LEARN)
+    _write_run_files(config, tmp_path / "run", resume=False)
+    monkeypatch.chdir(tmp_path)
+    saved = TrainConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert Path(saved.prepared) == prepared.resolve()
 
 
 def test_shuffled_labels_leave_the_model_at_chance(prepared, tmp_path):

@@ -820,8 +820,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         description="Export a trained run as two ONNX graphs, features.onnx (run once per image) "
         "and head.onnx (dropout masks as inputs, so MC dropout runs on ONNX Runtime), plus "
         "model.json (labels, input size, normalisation, threshold, temperatures, versions). "
-        "ONNX Runtime is checked against PyTorch on sample images: the export fails, writing "
-        "nothing, if they differ by more than 1e-4.",
+        "ONNX Runtime is checked against PyTorch on the run's first validation images (built-in "
+        "phantoms when its cache is not at hand): the export fails, writing nothing, if they "
+        "differ by more than 1e-4.",
         epilog="example: cxrfusion export --run runs/fusion   # then: predict --engine onnx",
     )
     p.add_argument("--run", type=Path, required=True, help="run directory (uses its best.ckpt)")
@@ -835,8 +836,11 @@ def _export(args: argparse.Namespace) -> None:
 
     report = export_run(args.run, args.out, opset=args.opset)
     diffs = ", ".join(f"{name} {value:.1e}" for name, value in report.max_abs_diff.items())
-    tolerance = report.metadata["parity"]["tolerance"]
-    print(f"ONNX Runtime vs PyTorch, max abs difference: {diffs} (tolerance {tolerance:g})")
+    parity = report.metadata["parity"]
+    print(
+        f"ONNX Runtime vs PyTorch on {parity['source']}, max abs difference: {diffs} "
+        f"(tolerance {parity['tolerance']:g})"
+    )
     print(f"wrote {report.folder} (model.json, features.onnx, head.onnx)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import shutil
@@ -107,10 +108,12 @@ def _write_run_files(config: TrainConfig, run_dir: Path, resume: bool) -> None:
     """What reproduces the run from its directory: config, split and software versions.
 
     A resumed run rewrites config.yaml only (it may extend --epochs); its split and environment
-    stay those of the run's start.
+    stay those of the run's start. `prepared` is saved as an absolute path, so that evaluate,
+    calibrate and export find the run's images from any working directory.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", config.to_yaml() + describe_weights(config.weights))
+    saved = dataclasses.replace(config, prepared=str(Path(config.prepared).resolve()))
+    write_atomic(run_dir / "config.yaml", saved.to_yaml() + describe_weights(config.weights))
     if resume:
         return
     shutil.copyfile(Path(config.prepared) / "split.csv", run_dir / "split.csv")
