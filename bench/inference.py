@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from cxrfusion.data.transforms import normalize
-from cxrfusion.inference.engines import TorchEngine
 from cxrfusion.inference.export import export_model
 from cxrfusion.inference.onnx_engine import OnnxEngine
+from cxrfusion.inference.torch_engine import TorchEngine
 from cxrfusion.labels import LABELS
 from cxrfusion.models import create_model, list_models
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from cxrfusion.evaluation.uncertainty import mc_dropout_samples
+from cxrfusion.evaluation.mc_dropout import mc_dropout_samples
 from cxrfusion.models import create_model, list_models
 
 

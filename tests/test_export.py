@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.special import expit
@@ -25,8 +26,8 @@ from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.imageio import read_resized
 from cxrfusion.data.transforms import normalize
 from cxrfusion.errors import CxrError
+from cxrfusion.evaluation.mc_dropout import mc_dropout_samples
 from cxrfusion.evaluation.temperature import write_temperature
-from cxrfusion.evaluation.uncertainty import mc_dropout_samples
 from cxrfusion.inference import onnx_engine
 from cxrfusion.inference.export import export_model, parity_images
 from cxrfusion.inference.onnx_engine import OnnxEngine
@@ -241,12 +242,59 @@ def test_a_run_is_checked_on_its_validation_images_or_else_on_phantoms(mc_dropou
     assert len({image.tobytes() for image in images}) == 4  # four different chests
 
 
-def test_onnx_engine_module_runs_without_importing_torch():
-    code = (
-        "import sys, cxrfusion.inference.onnx_engine; "
-        "sys.exit('torch' in sys.modules or 'cxrfusion.models' in sys.modules)"
+TORCHLESS = """
+import importlib.abc, json, sys
+
+BLOCKED = {"torch", "torchvision", "lightning", "timm"}
+
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked: the ONNX path must run without it")
+
+
+sys.meta_path.insert(0, NoTorch())
+import httpx
+
+from cxrfusion import Classifier
+from cxrfusion.cli import main
+from cxrfusion.serving import ServeSettings, create_app
+from cxrfusion.serving.server import background_server
+
+export, image, out = sys.argv[1:]
+api = Classifier.load(export, engine="onnx").predict(image).probability.tolist()
+status = main(["predict", "--run", export, image, "--engine", "onnx", "--out", out])
+app = create_app(Classifier.load(export, engine="onnx"), ServeSettings(heatmaps=False))
+with background_server(app) as url, open(image, "rb") as file:
+    response = httpx.post(f"{url}/predict", files={"file": ("x.png", file, "image/png")})
+served = [p["probability"] for p in response.json()["pathologies"]]
+loaded = [m for m in sys.modules if m.partition(".")[0] in BLOCKED]
+print(json.dumps({"api": api, "cli": status, "served": served, "loaded": loaded}))
+"""
+
+
+def test_the_api_predict_and_serve_run_on_an_export_with_torch_unimportable(
+    exported_run, nih_sample, tmp_path
+):
+    """`--engine onnx` needs ONNX Runtime and NumPy only: torch, timm and lightning are blocked
+    in a fresh interpreter, and its numbers are those of the ONNX engine with torch at hand."""
+    _, folder, _ = exported_run
+    image = next((nih_sample / "images").glob("*.png"))
+    done = subprocess.run(
+        [sys.executable, "-c", TORCHLESS, str(folder), str(image), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["cli"] == 0 and result["loaded"] == []
+    expected = Classifier.load(folder, engine="onnx").predict(image).probability
+    np.testing.assert_allclose(result["api"], expected, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(result["served"], expected, rtol=0, atol=1e-7)
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    np.testing.assert_allclose(table[list(LABELS)].to_numpy()[0], expected, rtol=0, atol=1e-6)
 
 
 def test_cli_export_of_a_folder_without_a_run_exits_2_and_writes_nothing(tmp_path, capsys):

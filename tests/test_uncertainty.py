@@ -10,7 +10,8 @@ import torch
 from scipy.special import xlogy
 from torch import nn
 
-from cxrfusion.evaluation.uncertainty import flag, mc_dropout_samples, summarise_samples
+from cxrfusion.evaluation.mc_dropout import mc_dropout_samples
+from cxrfusion.evaluation.uncertainty import flag, summarise_samples
 from cxrfusion.models import create_model, list_models
 
 CLASSES = 14

@@ -3,6 +3,8 @@
 The loader stays in uint8 (one OpenCV warp per image applies flip, rotation, zoom and the resize to the
 model's input together); `normalize` turns a uint8 batch into 3-channel float input on the device,
 which moves a quarter of the bytes to the GPU and keeps the loader far above 1,000 images/s per core.
+`normalize` takes a torch tensor (training, evaluate, the torch engine) or a NumPy array (ONNX
+Runtime) with the same float32 arithmetic, so this module needs no torch import.
 
 There is one deterministic path from a decoded image to model input, `preprocess`: the cache's
 resize (`imageio.resize_square`, what `prepare` stored), then `resize`, which is the training warp at
@@ -13,16 +15,20 @@ exactly what training sees with augmentation off: no train/serve skew.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, TypeVar
 
 import cv2
 import numpy as np
-import torch
 
 from cxrfusion.data.imageio import resize_square
 from cxrfusion.data.options import Augmentation
 from cxrfusion.errors import CxrError
 
+if TYPE_CHECKING:
+    import torch
+
 Triple = tuple[float, float, float]
+Batch = TypeVar("Batch", np.ndarray, "torch.Tensor")
 IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
 IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 
@@ -39,16 +45,14 @@ def _warp_matrix(source: int, size: int, angle: float, scale: float, flip: bool)
 
 
 def augment(
-    images: np.ndarray, size: int, augmentation: Augmentation, draws: np.ndarray | None = None
+    images: np.ndarray, size: int, augmentation: Augmentation, draws: np.ndarray
 ) -> np.ndarray:
     """Randomly flip, rotate, zoom and brighten a uint8 batch (B, S, S) into (B, size, size).
 
     Args:
-        draws: (B, 4) uniform numbers in [-1, 1] per image (angle, zoom, flip, brightness), e.g.
-            seeded per image by the dataset; None draws them from torch's global RNG.
+        draws: (B, 4) uniform numbers in [-1, 1] per image (angle, zoom, flip, brightness),
+            seeded per image and epoch by the dataset.
     """
-    if draws is None:
-        draws = torch.rand(len(images), 4, dtype=torch.float64).numpy() * 2 - 1
     out = np.empty((len(images), size, size), dtype=np.uint8)
     for image, (u_angle, u_zoom, u_flip, u_bright), target in zip(images, draws, out, strict=True):
         _warp(
@@ -98,23 +102,31 @@ def preprocess(image: np.ndarray, cache_size: int, input_size: int) -> np.ndarra
     return resize(resize_square(image, cache_size)[None], input_size)[0]
 
 
-def normalize(
-    images: torch.Tensor, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGENET_STD
-) -> torch.Tensor:
-    """uint8 batch (B, 1, H, W) -> float (B, 3, H, W) normalised with the model's `mean`/`std`.
+def normalize(images: Batch, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGENET_STD) -> Batch:
+    """uint8 batch (B, 1, H, W) -> float32 (B, 3, H, W) normalised with the model's `mean`/`std`.
+
+    A torch tensor stays where it is (e.g. on the GPU after a uint8 transfer); a NumPy array gives
+    a NumPy array, equal to the tensor's result bit for bit (tests/test_transforms.py).
 
     Args:
         mean / std: per-channel statistics on the 0..1 scale (`CxrModel.mean` / `.std`).
     """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
+    if (
+        str(images.dtype).removeprefix("torch.") != "uint8"
+        or images.ndim != 4
+        or images.shape[1] != 1
+    ):
         raise ValueError(f"expected uint8 (B, 1, H, W), got {images.dtype} {tuple(images.shape)}")
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean_t) / std_t
+    shape = (1, 3, 1, 1)
+    if isinstance(images, np.ndarray):
+        x = images.astype(np.float32) / np.float32(255.0)
+        return (x - np.float32(mean).reshape(shape)) / np.float32(std).reshape(shape)
+    x = images.float() / 255.0
+    return (x - x.new_tensor(mean).view(shape)) / x.new_tensor(std).view(shape)
 
 
 def check_model_input(
-    x: torch.Tensor, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGENET_STD
+    x: np.ndarray | torch.Tensor, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGENET_STD
 ) -> None:
     """Refuse float input that was not normalised the way the model was trained.
 

@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from cxrfusion.data.dataset import CachedXrayDataset
 from cxrfusion.data.transforms import normalize
-from cxrfusion.evaluation.uncertainty import flag, mc_dropout_logits
+from cxrfusion.evaluation.mc_dropout import mc_dropout_logits
+from cxrfusion.evaluation.uncertainty import flag
 from cxrfusion.labels import LABELS
 from cxrfusion.models import CxrModel
 

@@ -1,129 +1,12 @@
-"""Monte-Carlo dropout: T stochastic predictions per image and the uncertainty read from them.
+"""The uncertainty read from MC-dropout samples (`mc_dropout` draws them) and the review flag.
 
-Every cxrfusion model keeps all its dropout in `head`, so the default `mode="head"` runs the
-deterministic `features` once and samples only the head, T times in one batched call: the same
-distribution as T full stochastic passes (each row of the repeated features draws its own
-dropout masks) at about the cost of one deterministic pass. `mode="full"` runs T whole forward
-passes for models that keep dropout elsewhere. BatchNorm stays in eval mode in both.
+NumPy only, so that ONNX Runtime inference (`cxrfusion.inference.onnx_engine`) runs without torch.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
-import torch
 from scipy.special import xlogy
-from torch import nn
-
-logger = logging.getLogger(__name__)
-
-MODES = ("head", "full")
-
-
-def _dropout_modules(module: nn.Module) -> list[nn.Module]:
-    """Dropout layers (Dropout, Dropout1d/2d/3d, AlphaDropout, ...) that drop anything."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
-
-
-@functools.cache
-def _warn_no_dropout(model_type: str) -> None:
-    logger.warning("%s: model has no dropout: MC std is zero", model_type)
-
-
-@contextmanager
-def _sampling(model: nn.Module, dropouts: list[nn.Module]) -> Iterator[None]:
-    """Only `dropouts` in train mode, everything else (BatchNorm) in eval; then restore.
-
-    Flips just the flags that differ (often only the head's dropouts), without `train()`, whose
-    recursion over a DenseNet's ~570 modules costs milliseconds per call.
-    """
-    sampling = {id(m) for m in dropouts}
-    changed: list[nn.Module] = []
-    try:
-        for m in model.modules():
-            if m.training != (id(m) in sampling):
-                m.training = not m.training
-                changed.append(m)
-        yield
-    finally:
-        for m in changed:
-            m.training = not m.training
-
-
-@contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed torch's RNG for the block only, leaving the global stream as it was."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-@torch.inference_mode()
-def mc_dropout_samples(
-    model: nn.Module,
-    x: torch.Tensor,
-    samples: int = 25,
-    mode: str = "head",
-    seed: int | None = None,
-) -> torch.Tensor:
-    """T stochastic sigmoid probabilities per image with dropout active and BatchNorm frozen.
-
-    The sigmoid of `mc_dropout_logits` (same arguments); returns (T, B, classes) on x's device.
-    """
-    return torch.sigmoid(mc_dropout_logits(model, x, samples, mode, seed))
-
-
-@torch.inference_mode()
-def mc_dropout_logits(
-    model: nn.Module,
-    x: torch.Tensor,
-    samples: int = 25,
-    mode: str = "head",
-    seed: int | None = None,
-) -> torch.Tensor:
-    """T stochastic logits per image with dropout active and BatchNorm frozen.
-
-    The model's train/eval state is restored afterwards; BatchNorm running statistics and
-    parameters are never touched.
-
-    Args:
-        model: a cxrfusion model (`features(x) -> (B, F)`, `head(f) -> logits`, `forward`).
-        x: normalised input (B, 3, H, W) on the model's device.
-        samples: T, the number of stochastic passes (25 in the report).
-        mode: "head" runs `features` once and samples `head` T times (all cxrfusion models keep
-            their dropout there); "full" runs T whole forward passes (dropout anywhere).
-        seed: seeds the dropout masks for this call only (the global RNG is left as it was);
-            None draws from the global RNG.
-
-    Returns:
-        Logits (T, B, classes), float, on x's device.
-    """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    dropouts = _dropout_modules(model)
-    if not dropouts:
-        _warn_no_dropout(type(model).__name__)
-    if mode == "head" and _dropout_modules(model.features):
-        raise ValueError("model.features holds dropout, which mode='head' ignores: use 'full'")
-    # Without dropout one pass is every sample, and the std is exactly zero (not GEMM noise).
-    draws = samples if dropouts else 1
-    with _seeded(seed, x.device), _sampling(model, dropouts):
-        if mode == "head":
-            logits = model.head(model.features(x).repeat(draws, 1))  # row t*B + b is image b
-            logits = logits.view(draws, len(x), -1)
-        else:
-            logits = torch.stack([model(x) for _ in range(draws)])
-    return logits.expand(samples, -1, -1).contiguous()
 
 
 def _binary_entropy(p: np.ndarray) -> np.ndarray:
@@ -131,11 +14,12 @@ def _binary_entropy(p: np.ndarray) -> np.ndarray:
     return -(xlogy(p, p) + xlogy(1 - p, 1 - p))
 
 
-def summarise_samples(samples: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+def summarise_samples(samples: np.ndarray) -> dict[str, np.ndarray]:
     """Per-class and per-image uncertainty from MC-dropout probabilities.
 
     Args:
-        samples: probabilities (T, B, C) from `mc_dropout_samples`.
+        samples: probabilities (T, B, C) from `mc_dropout.mc_dropout_samples` (a CPU tensor
+            works too).
 
     Returns:
         float64 arrays: `mean`, `std` (population std over T, so 0 when T = 1),
@@ -143,8 +27,7 @@ def summarise_samples(samples: torch.Tensor | np.ndarray) -> dict[str, np.ndarra
         (predictive entropy minus the mean per-sample entropy: BALD, the part due to the model's
         uncertainty) all (B, C); `uncertainty` (B,), the mean of the C stds (the report's score).
     """
-    p = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else samples
-    p = np.asarray(p, dtype=np.float64)
+    p = np.asarray(samples, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] == 0:
         raise ValueError(f"samples must have shape (T >= 1, B, C), got {p.shape}")
     mean = p.mean(axis=0)

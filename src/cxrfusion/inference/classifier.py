@@ -2,7 +2,8 @@
 
 A source (file path, uploaded bytes or array) is decoded and brought to model input by
 `transforms.preprocess` and `transforms.normalize`, the functions training and evaluation use, so a
-file gets exactly the pixels the model was trained on. An engine returns MC-dropout logits; the
+file gets exactly the pixels the model was trained on. Nothing here imports torch: with the ONNX
+engine, prediction runs on ONNX Runtime and NumPy alone. An engine returns MC-dropout logits; the
 run's temperatures, the uncertainty summary and the review flag are computed here with evaluate's
 code (`evaluation.uncertainty`), and, when the run was calibrated (`cxrfusion calibrate`), the
 conformal decisions and referral with `evaluation.conformal.apply_calibration`.
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from scipy.special import expit
 
@@ -347,8 +347,7 @@ class Classifier:
 
     def model_input(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W) at input size -> float32 (B, 3, H, W) normalised for the model."""
-        tensor = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
-        return normalize(tensor, self.spec.mean, self.spec.std).numpy()
+        return normalize(np.ascontiguousarray(images)[:, None], self.spec.mean, self.spec.std)
 
     def _heatmaps(self, x: np.ndarray, probability: np.ndarray) -> dict[str, np.ndarray]:
         top = np.argsort(-probability, kind="stable")[:GRADCAM_TOP]

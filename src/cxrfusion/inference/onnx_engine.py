@@ -16,15 +16,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from cxrfusion.errors import CxrError
-
-if TYPE_CHECKING:
-    from cxrfusion.inference.engines import ModelSpec
+from cxrfusion.evaluation.conformal import calibration_from_dict
+from cxrfusion.inference.engines import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +183,6 @@ def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelS
         path: an export folder or a run directory holding `export/` (`find_export`).
         device: None or "cpu": ONNX Runtime runs on the CPU here.
     """
-    # The spec type lives with the torch engine; importing it here keeps this module torch-free
-    # for callers that use OnnxEngine alone.
-    from cxrfusion.evaluation.conformal import calibration_from_dict
-    from cxrfusion.inference.engines import ModelSpec
-
     if device not in (None, "cpu"):
         raise CxrError(f"--device {device}: the onnx engine runs on the CPU; use --engine torch")
     engine = OnnxEngine(path)
