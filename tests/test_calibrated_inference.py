@@ -48,16 +48,15 @@ def test_predictions_carry_apply_calibration_on_the_unscaled_means(
     classifier = Classifier.load(calibrated_run, device="cpu", mc_samples=MC_SAMPLES)
     predictions = classifier.predict_many(images, batch_size=8)
     calibration = load_calibration(calibrated_run)
-    rng = np.random.default_rng(classifier.seed)
     batches = [images[i : i + 8] for i in range(0, len(images), 8)]
     logits = np.concatenate(
         [
             classifier.engine.sample_logits(
                 classifier.model_input(np.stack([classifier.prepare(p).image for p in batch])),
                 MC_SAMPLES,
-                rng,
+                classifier.seed + index,
             )
-            for batch in batches
+            for index, batch in enumerate(batches)
         ],
         axis=1,
     ).astype(np.float64)

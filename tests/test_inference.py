@@ -61,6 +61,27 @@ def test_api_on_real_radiographs_equals_evaluate_from_the_cache(real_run, nih_sa
     assert got["flag"].tolist() == expected["flag"].tolist()
 
 
+def test_api_with_mc_dropout_equals_evaluate_for_the_same_seed_and_batches(
+    dropout_run, nih_sample, tmp_path
+):
+    """Batch k is seeded seed + k in both, so the dropout masks too are evaluate's."""
+    options = EvaluateOptions(bootstrap=10, examples=1, batch_size=4, seed=3)
+    expected = pd.read_csv(evaluate(dropout_run, tmp_path / "eval", options) / "predictions.csv")
+    files = split_images(dropout_run, nih_sample)
+    assert len(files) > 4  # two batches at least
+    stds = [f"{label}_std" for label in LABELS]
+    assert expected[stds].to_numpy().mean() > 1e-3  # the masks matter
+
+    def predicted(seed: int) -> pd.DataFrame:
+        classifier = Classifier.load(dropout_run, device="cpu", seed=seed)
+        return classifier.predict_many(files, batch_size=4).to_frame()
+
+    got = predicted(3)
+    np.testing.assert_allclose(got[list(LABELS)], expected[list(LABELS)], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got[stds], expected[stds], atol=1e-5, rtol=0)
+    assert np.abs(predicted(4)[stds] - expected[stds]).to_numpy().max() > 1e-3
+
+
 def _dicom(path: Path, stored: np.ndarray, photometric: str, **elements: object) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage

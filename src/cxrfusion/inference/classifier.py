@@ -181,8 +181,9 @@ class Classifier:
         spec: labels, sizes, normalisation, threshold and temperatures of the model.
         mc_samples: T dropout samples per image (25 in the report; 1 for a quick answer).
         threshold: review threshold on the uncertainty score (default: the spec's).
-        seed: seeds the dropout masks; each `predict_many` call starts from it, so the same
-            sources in the same batches always give the same numbers.
+        seed: seeds the dropout masks: batch k of a `predict_many` call uses seed + k, as
+            `evaluate`'s batches do, so the same sources in the same batches always give the same
+            numbers (on the torch engine, evaluate's numbers for the same seed and batch size).
     """
 
     def __init__(
@@ -284,34 +285,33 @@ class Classifier:
             batch_size: images per engine call.
             gradcam: add Grad-CAM heatmaps of the 3 most probable pathologies (torch engine).
         """
-        rng = np.random.default_rng(self.seed)
         out = Predictions()
         for index, chunk in enumerate(_batches(list(sources), batch_size)):
             prepared = [
                 self.prepare(s, name=f"array[{index * batch_size + i}]")
                 for i, s in enumerate(chunk)
             ]
-            out.extend(self.predict_prepared(prepared, rng, gradcam))
+            out.extend(self.predict_prepared(prepared, self.seed + index, gradcam))
         return out
 
     def predict_prepared(
         self,
         images: Sequence[PreparedImage],
-        rng: np.random.Generator | None = None,
+        seed: int | None = None,
         gradcam: bool = False,
     ) -> list[Prediction]:
         """Predict already prepared images as one batch.
 
         Args:
-            rng: draws the dropout masks' seeds (default: a fresh one from `seed`).
+            seed: seeds this batch's dropout masks (default: the classifier's `seed`).
         """
         if not images:
             return []
         if gradcam and not hasattr(self.engine, "gradcam"):
             raise CxrError("Grad-CAM needs the torch engine (--engine torch)")
-        rng = rng if rng is not None else np.random.default_rng(self.seed)
         x = self.model_input(np.stack([p.image for p in images]))
-        logits = self.engine.sample_logits(x, self.mc_samples, rng).astype(np.float64)
+        seed = self.seed if seed is None else seed
+        logits = self.engine.sample_logits(x, self.mc_samples, seed).astype(np.float64)
         unscaled = summary = summarise_samples(expit(logits))
         if self.spec.temperatures is not None:
             summary = summarise_samples(expit(logits / self.spec.temperatures))

@@ -31,8 +31,9 @@ class Engine(Protocol):
         """(B, 14) deterministic logits, dropout off."""
         ...
 
-    def sample_logits(self, x: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
-        """(T, B, 14) MC-dropout logits: features once, the head T times with dropout on."""
+    def sample_logits(self, x: np.ndarray, samples: int, seed: int) -> np.ndarray:
+        """(T, B, 14) MC-dropout logits: features once, the head T times with dropout on; the
+        same `seed` and batch give the same samples."""
         ...
 
 

@@ -2,7 +2,7 @@
 
     engine = OnnxEngine("runs/fusion/export")
     logits = engine.logits(x)                                        # (B, 14), dropout off
-    samples = engine.sample_logits(x, 25, np.random.default_rng(0))  # (25, B, 14)
+    samples = engine.sample_logits(x, 25, seed=0)                    # (25, B, 14)
 
 `features.onnx` runs once per image; `head.onnx` runs once on the T stacked copies of the
 features, with each dropout layer's mask drawn here: Bernoulli(1 - p) / (1 - p), exactly what
@@ -144,13 +144,13 @@ class OnnxEngine:
         ones = [np.ones((len(features), layer.width), np.float32) for layer in self.layers]
         return self.head(features, ones)
 
-    def sample_logits(self, x: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
+    def sample_logits(self, x: np.ndarray, samples: int, seed: int) -> np.ndarray:
         """MC-dropout logits (T, B, classes): features once, the head on T x B rows at once.
 
         Args:
             x: normalised images (B, 3, H, W).
             samples: T, the number of stochastic passes.
-            rng: source of the dropout masks (seed it for reproducible samples).
+            seed: seeds the NumPy generator of the dropout masks (same seed, same samples).
         """
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
@@ -158,7 +158,7 @@ class OnnxEngine:
             return np.broadcast_to(self.logits(x), (samples, len(x), len(self.labels))).copy()
         features = self.features(x)
         rows = np.tile(features, (samples, 1))  # row t*B + b is image b, as the torch fast path
-        logits = self.head(rows, draw_masks(self.layers, len(rows), rng))
+        logits = self.head(rows, draw_masks(self.layers, len(rows), np.random.default_rng(seed)))
         return logits.reshape(samples, len(x), -1)
 
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from cxrfusion.atomic import write_atomic
@@ -102,10 +101,11 @@ def predict_files(
         reason = failures[0][1] if failures else "no PNG/JPEG/DICOM file in the inputs"
         raise CxrError(f"nothing to predict: {reason}")
     result = PredictResult(Predictions(), failures)
-    rng = np.random.default_rng(classifier.seed)
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=None if progress else True)
-    for batch in _prepared_batches(classifier, files, batch_size, result.failures):
-        result.predictions.extend(classifier.predict_prepared(batch, rng, gradcam))
+    batches = _prepared_batches(classifier, files, batch_size, result.failures)
+    for index, batch in enumerate(batches):
+        seed = classifier.seed + index  # as Classifier.predict_many and evaluate
+        result.predictions.extend(classifier.predict_prepared(batch, seed, gradcam))
         bar.update(len(batch))
     bar.close()
     if not result.predictions:

@@ -35,9 +35,9 @@ class TorchEngine:
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.model(self._tensor(x)).float().cpu().numpy()
 
-    def sample_logits(self, x: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
-        # torch draws the dropout masks; the generator only seeds them, so calls repeat.
-        seed = int(rng.integers(2**63 - 1))
+    def sample_logits(self, x: np.ndarray, samples: int, seed: int) -> np.ndarray:
+        # torch draws the masks under `seed`, as evaluate's batches do: same seed, same batch,
+        # same numbers as evaluate.
         logits = mc_dropout_logits(self.model, self._tensor(x), samples, "head", seed)
         return logits.float().cpu().numpy()
 
