@@ -7,7 +7,7 @@ copies of the features (T=25), dropout masks drawn per row. Eager is `TorchEngin
 graphs `cxrfusion export` writes (exported here, parity-checked). Latency: one image per
 call; throughput: `--batch` images per call. Engines alternate for `--rounds` rounds (eager first,
 then ONNX first, ...) and each keeps its best round, so neither gains from running second; a
-round is the mean of `--repeats` calls after one warm-up call. Target: ONNX >= 1.5x eager.
+round is the mean of at least `--repeats` calls and 0.5 s after one warm-up call. Target: ONNX >= 1.5x eager.
 
     nice python bench/inference.py --threads 2 [--models simple_cnn fusion] [--repeats 3]
 """
@@ -32,13 +32,16 @@ from cxrfusion.labels import LABELS
 from cxrfusion.models import create_model, list_models
 
 
-def seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
-    """Mean seconds of `repeats` calls after one warm-up call."""
+def seconds_per_call(fn: Callable[[], object], repeats: int, min_seconds: float = 0.5) -> float:
+    """Mean seconds per call over at least `repeats` calls and `min_seconds`, after a warm-up
+    call: a 3 ms call timed 3 times is mostly noise (simple_cnn at batch 1 read 1.24x that way,
+    1.60x over 30 calls)."""
     fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    calls, start = 0, time.perf_counter()
+    while calls < repeats or time.perf_counter() - start < min_seconds:
         fn()
-    return (time.perf_counter() - start) / repeats
+        calls += 1
+    return (time.perf_counter() - start) / calls
 
 
 def best_alternating(fns: dict[str, Callable[[], object]], rounds: int, repeats: int):

@@ -185,6 +185,8 @@ def test_classifier_on_the_onnx_engine_has_the_run_spec_and_the_run_logits(
     assert np.abs(by_onnx.engine.logits(x) - by_torch.engine.logits(x)).max() <= TOLERANCE
     prediction = by_onnx.predict(image)
     assert prediction.probability.shape == (14,) and prediction.std.max() > 0
+    with pytest.raises(CxrError, match="outside the normalised range"):
+        by_onnx.engine.sample_logits(x * 0 + 255.0, 2, seed=0)
 
 
 def test_classifier_on_the_onnx_engine_says_how_to_export_a_run_without_export(mc_dropout_run):

@@ -212,6 +212,24 @@ def test_undecodable_sources_raise_a_user_error_naming_them(dropout_run, tmp_pat
         clf.predict(tmp_path / "missing.dcm")
 
 
+def test_a_blank_image_is_predicted_with_a_warning(dropout_run):
+    clf = Classifier.load(dropout_run, device="cpu", mc_samples=2)
+    blank, noisy = np.full((300, 300), 17, np.uint8), np.arange(90000).reshape(300, 300) % 251
+    predictions = clf.predict_many([blank, noisy.astype(np.uint8)])
+    assert predictions[0].warning.startswith("blank image") and predictions[1].warning == ""
+
+
+@pytest.mark.parametrize("scale", [255.0, 4.0])
+def test_the_engine_refuses_input_that_was_not_normalised(dropout_run, scale):
+    """Raw pixel values reach no model: 0..255 floats, or anything outside the normalised range."""
+    clf = Classifier.load(dropout_run, device="cpu", mc_samples=2)
+    raw = np.random.default_rng(0).random((1, 3, 160, 160), dtype=np.float32) * scale
+    with pytest.raises(CxrError, match="outside the normalised range"):
+        clf.engine.logits(raw)
+    with pytest.raises(CxrError, match="outside the normalised range"):
+        clf.engine.sample_logits(raw, 2, seed=0)
+
+
 def test_model_card_names_the_training_data_and_its_limits(dropout_run):
     card = Classifier.load(dropout_run, device="cpu").card()
     assert card["architecture"] == "test_efficientnet" and card["labels"] == list(LABELS)

@@ -37,6 +37,7 @@ Source = str | Path | tuple[str, bytes] | np.ndarray
 CONFORMAL_BOUND = (
     "expected false-negative rate <= alpha per pathology (conformal risk control, validation split)"
 )
+BLANK_WARNING = "blank image: every pixel has the same value, there is nothing to read"
 GRADCAM_TOP = 3  # heatmaps for the most probable pathologies only: one backward pass each
 INTENDED_USE = (
     "Research use: multi-label screening of frontal chest radiographs for the 14 ChestX-ray14 "
@@ -269,6 +270,8 @@ class Classifier:
         else:
             raise TypeError(f"cannot predict a {type(source).__name__}")
         image = preprocess(pixels, self.spec.cache_size, self.spec.input_size)
+        if image.min() == image.max():
+            warning = "; ".join(filter(None, [warning, BLANK_WARNING]))
         return PreparedImage(label, image, warning)
 
     def predict(self, source: Source, gradcam: bool = False) -> Prediction:

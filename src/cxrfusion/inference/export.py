@@ -119,6 +119,7 @@ def export_model(
             **metadata,
             "format": FORMAT_VERSION,
             "input_size": int(sample.shape[-1]),
+            "normalization": {"mean": list(model.mean), "std": list(model.std)},
             "num_features": model.num_features,
             "dropout": [asdict(layer) for layer in head.layers],
             "files": {"features": FEATURES_ONNX, "head": HEAD_ONNX},
@@ -278,7 +279,6 @@ def export_run(run: Path | str, out: Path | str | None = None, opset: int = OPSE
         "model": config.model,
         "labels": list(LABELS),
         "cache_size": config.cache_size,
-        "normalization": {"mean": list(model.mean), "std": list(model.std)},
         "threshold": run_threshold(run),
         "temperatures": None
         if temperatures is None

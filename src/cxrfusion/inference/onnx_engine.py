@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cxrfusion.data.transforms import check_model_input
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.conformal import calibration_from_dict
 from cxrfusion.inference.engines import ModelSpec
@@ -102,6 +103,8 @@ class OnnxEngine:
         self.labels: tuple[str, ...] = tuple(self.metadata["labels"])
         self.input_size: int = int(self.metadata["input_size"])
         self.layers = [DropoutLayer(**layer) for layer in self.metadata["dropout"]]
+        normalization = self.metadata["normalization"]
+        self.mean, self.std = tuple(normalization["mean"]), tuple(normalization["std"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1
@@ -131,6 +134,7 @@ class OnnxEngine:
             raise ValueError(
                 f"expected float32 (B, {', '.join(map(str, expected))}), got {x.shape}"
             )
+        check_model_input(x, self.mean, self.std)
         return self._features.run(None, {"image": x})[0]
 
     def head(self, features: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
@@ -195,8 +199,8 @@ def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelS
         model=meta["model"],
         cache_size=int(meta["cache_size"]),
         input_size=engine.input_size,
-        mean=tuple(meta["normalization"]["mean"]),
-        std=tuple(meta["normalization"]["std"]),
+        mean=engine.mean,
+        std=engine.std,
         threshold=float(meta["threshold"]),
         temperatures=None
         if temperatures is None

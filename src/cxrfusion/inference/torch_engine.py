@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxrfusion.data.transforms import check_model_input
 from cxrfusion.evaluation.conformal import load_calibration
 from cxrfusion.evaluation.mc_dropout import mc_dropout_logits
 from cxrfusion.evaluation.temperature import read_temperature
@@ -29,6 +30,7 @@ class TorchEngine:
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        check_model_input(x, self.model.mean, self.model.std)
         return torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
