@@ -103,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"CPU, {args.threads} threads, {args.size} px, MC dropout T={args.samples}, weights none; "
-        f"best of {args.rounds} alternating rounds of {args.repeats} calls"
+        f"best of {args.rounds} alternating rounds of >= {args.repeats} calls and 0.5 s"
     )
     b = args.batch
     header = (

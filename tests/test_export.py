@@ -58,7 +58,9 @@ def reference_head(head: nn.Sequential, features: torch.Tensor, masks: list[np.n
     return x
 
 
-@pytest.mark.parametrize("name", ["simple_cnn", "test_efficientnet", "fusion"])
+@pytest.mark.parametrize(
+    "name", ["simple_cnn", "densenet121", "efficientnet_b0", "test_efficientnet", "fusion"]
+)
 def test_onnx_runtime_matches_pytorch_on_real_radiographs(name, nih_sample, tmp_path):
     torch.manual_seed(0)
     model = create_model(name, weights="none").eval()
