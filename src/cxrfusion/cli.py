@@ -798,7 +798,7 @@ def _serve(args: argparse.Namespace) -> None:
         token=args.token,
         heatmaps=not args.no_heatmaps and args.engine == "torch",  # Grad-CAM needs torch
     )
-    from cxrfusion.inference.classifier import Classifier  # torch loads after the checks above
+    from cxrfusion.inference.classifier import Classifier  # the engine loads after the checks
 
     classifier = Classifier.load(
         args.run, engine=args.engine, mc_samples=args.mc_samples, threshold=args.threshold
