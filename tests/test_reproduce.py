@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cxrfusion import reproduce
-from cxrfusion.cli import build_parser, main, train_config
+from cxrfusion.cli import build_parser, main
+from cxrfusion.cli.training import train_config
 from cxrfusion.data.options import PrepareOptions
 from cxrfusion.errors import CxrError
 from cxrfusion.training.config import TrainConfig
