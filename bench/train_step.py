@@ -16,7 +16,9 @@ gains from running second on a warm machine.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -129,6 +131,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept")
     parser.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, 16-mixed")
     args = parser.parse_args()
+    # A table, not Lightning's per-fit banners, tips and deprecation notices.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = _precision(args.precision)
     where = (
