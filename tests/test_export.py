@@ -29,7 +29,7 @@ from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.mc_dropout import mc_dropout_samples
 from cxrfusion.evaluation.temperature import write_temperature
 from cxrfusion.inference import onnx_engine
-from cxrfusion.inference.export import export_model, parity_images
+from cxrfusion.inference.export import export_model, export_run, parity_images
 from cxrfusion.inference.onnx_engine import OnnxEngine
 from cxrfusion.inference.runs import load_run
 from cxrfusion.labels import LABELS
@@ -111,7 +111,7 @@ def exported_run(mc_dropout_run, tmp_path_factory) -> tuple[Path, Path, str]:
     through the CLI: (run, export folder, what the CLI printed)."""
     run = tmp_path_factory.mktemp("run") / "mc_dropout"
     run.mkdir()
-    for name in ("config.yaml", "best.ckpt"):
+    for name in ("config.yaml", "best.ckpt", "split.csv"):
         shutil.copy(mc_dropout_run / name, run / name)
     write_temperature(run, np.full(len(LABELS), 1.5), fitted_on={"split": "val"})
     (run / "eval_test").mkdir()
@@ -137,6 +137,24 @@ def test_cli_export_writes_model_json_with_what_inference_needs(exported_run):
     assert set(card["versions"]) == {"torch", "onnx", "onnxruntime", "cxrfusion"}
     assert card["opset"] == 17
     assert max(card["parity"]["max_abs_diff"].values()) <= TOLERANCE
+    assert card["parity"]["source"].startswith("4 validation images of ")
+
+
+def test_a_checkpoint_exports_with_the_settings_of_its_run(exported_run, tmp_path):
+    run, _, _ = exported_run
+    metadata = export_run(run / "best.ckpt", tmp_path / "export").metadata
+    assert metadata["threshold"] == 0.2 and metadata["temperatures"] == dict.fromkeys(LABELS, 1.5)
+    assert metadata["parity"]["source"].startswith("4 validation images of ")
+
+
+def test_an_export_without_its_normalisation_says_to_export_again(exported_run, tmp_path):
+    _, folder, _ = exported_run
+    old = shutil.copytree(folder, tmp_path / "old")
+    metadata = json.loads((old / "model.json").read_text())
+    del metadata["normalization"]
+    (old / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(CxrError, match="no normalization .* export the run again"):
+        OnnxEngine(old)
 
 
 def test_onnx_mc_dropout_samples_the_distribution_of_the_pytorch_fast_path(
@@ -239,6 +257,15 @@ def test_a_run_is_checked_on_its_validation_images_or_else_on_phantoms(mc_dropou
     expected = np.stack([val[i][0][0].numpy() for i in range(4)])
     assert np.array_equal(images, expected) and source.startswith("4 validation images")
 
+    few = tmp_path / "few"  # a run whose validation split holds 2 images: topped up
+    few.mkdir()
+    split = pd.read_csv(mc_dropout_run / "split.csv")
+    val_rows = split.index[split["split"] == "val"]
+    split.drop(val_rows[2:]).to_csv(few / "split.csv", index=False)
+    images, source = parity_images(few, config)
+    np.testing.assert_array_equal(images[:2], expected[:2])
+    assert source.endswith("and 2 built-in phantom radiographs") and len(images) == 4
+
     elsewhere = dataclasses.replace(config, prepared=str(tmp_path / "moved"))
     images, source = parity_images(mc_dropout_run, elsewhere)
     assert source == "4 built-in phantom radiographs"
@@ -281,8 +308,8 @@ print(json.dumps({"api": api, "cli": status, "served": served, "loaded": loaded}
 def test_the_api_predict_and_serve_run_on_an_export_with_torch_unimportable(
     exported_run, nih_sample, tmp_path
 ):
-    """`--engine onnx` needs ONNX Runtime and NumPy only: torch, timm and lightning are blocked
-    in a fresh interpreter, and its numbers are those of the ONNX engine with torch at hand."""
+    """`--engine onnx` imports no torch: torch, torchvision, timm and lightning are blocked in a
+    fresh interpreter, and its numbers are those of the ONNX engine with torch at hand."""
     _, folder, _ = exported_run
     image = next((nih_sample / "images").glob("*.png"))
     done = subprocess.run(

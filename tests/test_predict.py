@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from realdata import prepare_real, split_images, train_tiny
 
+from cxrfusion import Classifier
 from cxrfusion.cli import main
 from cxrfusion.labels import LABELS
 
@@ -68,6 +70,26 @@ def test_files_and_globs_are_each_predicted_once_and_success_exits_0(run, folder
     assert status == 0, capsys.readouterr().err
     table = pd.read_csv(out / "predictions.csv")
     assert table["source"].tolist() == [str(p) for p in sorted(folder.glob("*.png"))]
+
+
+def test_predict_seeds_its_batches_as_the_api_does(run, folder, tmp_path, capsys):
+    """Batch k draws its dropout masks under seed + k, in the CLI as in `predict_many`."""
+    images = sorted(folder.glob("*.png"))
+    out = tmp_path / "out"
+    args = ["predict", "--run", str(run), *map(str, images), "--out", str(out)]
+    assert main([*args, "--batch-size", "1", "--seed", "5"]) == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "predictions.csv")
+    api = Classifier.load(run, device="cpu", seed=5).predict_many(images, batch_size=1)
+    np.testing.assert_allclose(table[list(LABELS)], api.to_frame()[list(LABELS)], atol=1e-6)
+    assert len(images) > 1 and api.to_frame()[[f"{x}_std" for x in LABELS]].max().max() > 0
+
+
+def test_a_seed_outside_its_range_is_one_error_line(run, folder, capsys):
+    image = str(sorted(folder.glob("*.png"))[0])
+    assert main(["predict", "--run", str(run), image, "--seed", "-1"]) == 2
+    assert _stderr_lines(capsys) == [
+        "cxrfusion predict: error: --seed must be an integer in [0, 2**32), got -1"
+    ]
 
 
 def test_nothing_readable_is_one_error_line_and_no_output(run, tmp_path, capsys):

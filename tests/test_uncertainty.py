@@ -174,6 +174,12 @@ def test_flag_marks_images_strictly_above_the_threshold() -> None:
     np.testing.assert_array_equal(flag(np.array([0.05, 0.15]), threshold=0.01), [True, True])
 
 
+def test_summaries_take_a_tensor_that_requires_grad() -> None:
+    p = torch.rand(4, 3, CLASSES, requires_grad=True)
+    summary = summarise_samples(p)
+    np.testing.assert_allclose(summary["mean"], p.detach().numpy().mean(axis=0), rtol=1e-6)
+
+
 def test_summaries_refuse_samples_without_a_sample_axis() -> None:
     with pytest.raises(ValueError, match="shape"):
         summarise_samples(np.zeros((2, CLASSES)))

@@ -18,8 +18,8 @@ def summarise_samples(samples: np.ndarray) -> dict[str, np.ndarray]:
     """Per-class and per-image uncertainty from MC-dropout probabilities.
 
     Args:
-        samples: probabilities (T, B, C) from `mc_dropout.mc_dropout_samples` (a CPU tensor
-            works too).
+        samples: probabilities (T, B, C): an array, or a torch tensor on any device as
+            `mc_dropout.mc_dropout_samples` returns it.
 
     Returns:
         float64 arrays: `mean`, `std` (population std over T, so 0 when T = 1),
@@ -27,6 +27,8 @@ def summarise_samples(samples: np.ndarray) -> dict[str, np.ndarray]:
         (predictive entropy minus the mean per-sample entropy: BALD, the part due to the model's
         uncertainty) all (B, C); `uncertainty` (B,), the mean of the C stds (the report's score).
     """
+    if hasattr(samples, "detach"):  # a torch tensor, without importing torch
+        samples = samples.detach().cpu().numpy()
     p = np.asarray(samples, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] == 0:
         raise ValueError(f"samples must have shape (T >= 1, B, C), got {p.shape}")

@@ -197,6 +197,8 @@ class Classifier:
     ) -> None:
         if mc_samples < 1:
             raise CxrError(f"--mc-samples must be >= 1, got {mc_samples}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise CxrError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
         if threshold is not None and not 0.0 <= threshold <= 0.5:
             raise CxrError(
                 f"--threshold must be in [0, 0.5] (a std of probabilities), got {threshold}"

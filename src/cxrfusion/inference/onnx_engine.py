@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
+REQUIRED_KEYS = {"labels", "input_size", "normalization", "dropout", "files"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ def read_metadata(folder: Path) -> dict:
         raise CxrError(
             f"{path}: export format {metadata.get('format')!r}, this cxrfusion reads "
             f"{FORMAT_VERSION}; export the run again with this version"
+        )
+    missing = sorted(REQUIRED_KEYS - set(metadata))
+    if missing:
+        raise CxrError(
+            f"{path}: no {', '.join(missing)} (written by an older cxrfusion); export the run "
+            "again with this version"
         )
     return metadata
 

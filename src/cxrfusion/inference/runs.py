@@ -91,7 +91,7 @@ def run_card(run_dir: Path) -> dict:
     """What a run directory says about its training data and validation, for a model card.
 
     Returns:
-        {"training_data": {"prepared": folder, "splits": {split: {"images", "patients"}}},
+        {"training_data": {"prepared": folder name, "splits": {split: {"images", "patients"}}},
          "evaluations": {split: {"auc": evaluate's AUCs with CIs, "calibration": ...}}}
         with whatever the run holds (evaluations only for the splits evaluated).
     """
@@ -99,7 +99,8 @@ def run_card(run_dir: Path) -> dict:
     card: dict = {"training_data": {}, "evaluations": {}}
     config_file = run_dir / "config.yaml"
     if config_file.exists():
-        card["training_data"]["prepared"] = TrainConfig.from_yaml(config_file).prepared
+        # the name only: a served card should not show the training machine's paths
+        card["training_data"]["prepared"] = Path(TrainConfig.from_yaml(config_file).prepared).name
     if (run_dir / "split.csv").exists():
         split = read_split(run_dir / "split.csv")
         groups = split.groupby("split", sort=False)

@@ -112,7 +112,7 @@ def _write_run_files(config: TrainConfig, run_dir: Path, resume: bool) -> None:
     calibrate and export find the run's images from any working directory.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = dataclasses.replace(config, prepared=str(Path(config.prepared).resolve()))
+    saved = dataclasses.replace(config, prepared=str(Path(config.prepared).absolute()))
     write_atomic(run_dir / "config.yaml", saved.to_yaml() + describe_weights(config.weights))
     if resume:
         return
