@@ -99,8 +99,9 @@ def _prepare(args: argparse.Namespace) -> None:
         labels_only=args.labels_only,
         skip_missing=args.skip_missing,
     )
-    chestmnist = str(args.data).startswith("chestmnist") or args.data.suffix == ".npz"
-    if not (args.data.is_dir() or chestmnist):
+    from cxrfusion.data.chestmnist import is_chestmnist
+
+    if not (args.data.is_dir() or is_chestmnist(args.data)):
         raise CxrError(f"{args.data}: no such data folder (--data)")
     from cxrfusion.data.prepare import prepare  # after the cheap checks: it loads pandas, torch
 

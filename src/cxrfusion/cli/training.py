@@ -166,8 +166,9 @@ def _check_train(args: argparse.Namespace) -> None:
         raise CxrError(
             f"{prepared}: no split.csv; run `cxrfusion prepare --out {prepared}` or pass --data"
         )
-    chestmnist = str(args.data).startswith("chestmnist") or str(args.data).endswith(".npz")
-    if args.data and not (Path(args.data).is_dir() or chestmnist):
+    from cxrfusion.data.chestmnist import is_chestmnist
+
+    if args.data and not (Path(args.data).is_dir() or is_chestmnist(args.data)):
         raise CxrError(f"{args.data}: no such data folder (--data)")
     check_can_run(config)
 

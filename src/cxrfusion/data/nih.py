@@ -13,6 +13,7 @@ import pandas as pd
 
 from cxrfusion.errors import CxrError
 from cxrfusion.labels import LABELS, multi_hot
+from cxrfusion.tables import read_csv
 
 logger = logging.getLogger(__name__)
 
@@ -84,20 +85,13 @@ def read_table(csv_path: Path) -> pd.DataFrame:
 
 def _read_required_columns(csv_path: Path) -> pd.DataFrame:
     """The required (and demographic) columns as strings; CxrError for a bad file."""
-    try:
-        raw = pd.read_csv(
-            csv_path,
-            usecols=lambda name: name in REQUIRED_COLUMNS + DEMOGRAPHIC_COLUMNS,
-            dtype=str,
-            keep_default_na=False,
-        )
-    except FileNotFoundError:
-        raise CxrError(f"{csv_path}: file not found") from None
-    except pd.errors.EmptyDataError:
-        raise CxrError(f"{csv_path}: empty file, expected the NIH label table") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CxrError(f"{csv_path}: not a readable CSV ({reason})") from None
+    raw = read_csv(
+        csv_path,
+        "the NIH label table",
+        usecols=lambda name: name in REQUIRED_COLUMNS + DEMOGRAPHIC_COLUMNS,
+        dtype=str,
+        keep_default_na=False,
+    )
     missing = [name for name in REQUIRED_COLUMNS if name not in raw.columns]
     if missing:
         raise CxrError(f"{csv_path}: missing column {missing[0]!r}")

@@ -24,6 +24,7 @@ from cxrfusion.evaluation.expert_labels import expert_comparison
 from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
 from cxrfusion.evaluation.report import Section, render_html, render_markdown
 from cxrfusion.labels import LABELS
+from cxrfusion.tables import read_csv
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,7 @@ def _read_predictions(eval_dir: Path) -> pd.DataFrame:
     path = Path(eval_dir) / PREDICTIONS
     if not path.is_file():
         raise CxrError(f"{path}: missing; run `cxrfusion evaluate` for this run first")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CxrError(f"{path}: not a readable predictions file ({reason})") from None
+    frame = read_csv(path, "evaluate's predictions")
     needed = ["Image Index", PATIENT, *LABELS, *TRUE_COLUMNS]
     missing = [c for c in needed if c not in frame.columns]
     if missing:

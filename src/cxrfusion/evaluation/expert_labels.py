@@ -28,6 +28,7 @@ from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.metrics import auc_summary
 from cxrfusion.evaluation.report import MISSING, Section
 from cxrfusion.labels import LABEL_INDEX
+from cxrfusion.tables import read_csv
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,7 @@ def read_expert_labels(path: Path) -> pd.DataFrame:
         CxrError: unreadable file, a missing column, a value other than YES/NO, a duplicate image.
     """
     path = Path(path)
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise CxrError(f"{path}: expert label file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CxrError(f"{path}: not a readable CSV ({reason})") from None
+    raw = read_csv(path, "Google's 2019 expert labels", dtype=str, keep_default_na=False)
     missing = [c for c in ("Image Index", *FINDINGS) if c not in raw.columns]
     if missing:
         raise CxrError(f"{path}: missing column {missing[0]!r}; expected Google's 2019 relabels")

@@ -34,6 +34,7 @@ from cxrfusion.atomic import atomic_path
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.report import Section
 from cxrfusion.labels import LABEL_INDEX
+from cxrfusion.tables import read_csv
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,7 @@ def read_boxes(path: Path) -> pd.DataFrame:
         CxrError: unreadable file, too few columns, a non-numeric coordinate or an unknown finding.
     """
     path = Path(path)
-    try:
-        raw = pd.read_csv(path)
-    except FileNotFoundError:
-        raise CxrError(f"{path}: box file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CxrError(f"{path}: not a readable CSV ({reason})") from None
+    raw = read_csv(path, "the NIH bounding boxes")
     if raw.shape[1] < 6 or list(raw.columns[:2]) != ["Image Index", "Finding Label"]:
         raise CxrError(f"{path}: expected columns Image Index, Finding Label, Bbox [x,y,w,h]")
     boxes = pd.DataFrame(

@@ -38,7 +38,9 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> tuple[CxrClassif
     checkpoint = resolve_checkpoint(path)
     config_file = checkpoint.parent / "config.yaml"
     if not config_file.exists():
-        raise CxrError(f"{config_file}: missing; a checkpoint must sit in its run directory")
+        raise CxrError(
+            f"{checkpoint}: no config.yaml beside it; a checkpoint must sit in its run directory"
+        )
     config = TrainConfig.from_yaml(config_file)
     _check_checkpoint(checkpoint)
     try:

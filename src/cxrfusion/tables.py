@@ -1,0 +1,23 @@
+"""Reading a user's CSV: every way the file can be unreadable becomes one `CxrError` naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from cxrfusion.errors import CxrError
+
+
+def read_csv(path: Path, what: str, **options: object) -> pd.DataFrame:
+    """`pd.read_csv(path, **options)`, with a missing, empty, truncated (.gz), undecodable or
+    malformed file as a CxrError that names the file and `what` it should hold."""
+    try:
+        return pd.read_csv(path, **options)
+    except FileNotFoundError:
+        raise CxrError(f"{path}: file not found, expected {what}") from None
+    except pd.errors.EmptyDataError:
+        raise CxrError(f"{path}: empty file, expected {what}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CxrError(f"{path}: not a readable CSV of {what} ({reason})") from None
