@@ -338,6 +338,10 @@ class GatedClassifier:
     def card(self) -> dict:
         return self.inner.card()
 
+    @property
+    def supports_gradcam(self) -> bool:
+        return self.inner.supports_gradcam
+
 
 @pytest.fixture(scope="module")
 def gated(classifier) -> GatedClassifier:

@@ -76,9 +76,11 @@ def _predict(args: argparse.Namespace) -> None:
         f"guarantee (referral alpha = {calibration.referral_alpha:g}, "
         f"false-negative rate <= {calibration.alpha:g} per pathology)"
     )
+    table, document, *overlays = result.files
+    shown = f" and {len(overlays)} Grad-CAM overlays in {overlays[0].parent}" if overlays else ""
     print(
         f"predicted {len(result.predictions)} image(s), {flagged} flagged for review{referred}; "
-        f"results in {args.out / 'predictions.csv'} and {args.out / 'predictions.json'}"
+        f"results in {table} and {document}{shown}"
     )
     if result.failures:
         total = len(result.failures) + len(result.predictions)
@@ -131,7 +133,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         queue_size=args.queue,
         token=args.token,
-        heatmaps=not args.no_heatmaps and args.engine == "torch",  # Grad-CAM needs torch
+        heatmaps=not args.no_heatmaps,
     )
     from cxrfusion.inference.classifier import Classifier  # the engine loads after the checks
 

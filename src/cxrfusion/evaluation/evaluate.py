@@ -213,19 +213,21 @@ def evaluate(
         logits[TUNING_SPLIT], 1.0 if temperature is None else temperature
     )
     summary = summarise_samples(samples)
-    unscaled = None if temperature is None else apply_temperature(logits[options.split], 1.0)
+    # Expert labels, NIH boxes, calibration.json and the "before" reliability use the unscaled
+    # MC means; without temperatures they are the summary itself.
+    plain = (
+        summary
+        if temperature is None
+        else summarise_samples(apply_temperature(logits[options.split], 1.0))
+    )
     _add_metrics(metrics, evaluated, summary, val_samples.mean(axis=0), tuning.y, options)
-    if unscaled is not None:
-        metrics["calibration_before_temperature"] = calibration_summary(
-            evaluated.y, unscaled.mean(axis=0)
-        )
+    if temperature is not None:
+        metrics["calibration_before_temperature"] = calibration_summary(evaluated.y, plain["mean"])
     split = read_split(run_dir / "split.csv")
     with _staged(out) as staging:
         table = predictions_table(evaluated.rows, summary, options.threshold)
         write_atomic(staging / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
         metrics["uncertainty"]["flagged"] = int(table["flag"].sum())
-        # Expert labels, NIH boxes and calibration.json score the unscaled MC means.
-        plain = summary if unscaled is None else summarise_samples(unscaled)
         trust, trust_sections = trust_results(
             sources, staging, run_dir, model, evaluated.dataset, evaluated.rows,
             plain["mean"], plain["uncertainty"], config.input_size, options.bootstrap,
@@ -237,7 +239,7 @@ def evaluate(
         write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
         figures = evaluation_figures(
             staging, evaluated.rows, evaluated.y, samples, summary, metrics["referral"],
-            None if unscaled is None else unscaled.mean(axis=0),
+            None if temperature is None else plain["mean"],
         )  # fmt: skip
         figures |= example_figures(
             staging, model, evaluated.dataset, evaluated.rows, evaluated.y, summary,

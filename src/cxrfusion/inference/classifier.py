@@ -28,6 +28,7 @@ from cxrfusion.data.imageio import minmax_to_uint8, read_radiograph
 from cxrfusion.data.transforms import normalize, preprocess
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.conformal import Calibration, apply_calibration
+from cxrfusion.evaluation.temperature import apply_temperature
 from cxrfusion.evaluation.uncertainty import flag, summarise_samples
 from cxrfusion.inference.engines import ENGINE_LOADERS, Engine, ModelSpec
 
@@ -312,14 +313,14 @@ class Classifier:
         """
         if not images:
             return []
-        if gradcam and not hasattr(self.engine, "gradcam"):
+        if gradcam and not self.supports_gradcam:
             raise CxrError("Grad-CAM needs the torch engine (--engine torch)")
         x = self.model_input(np.stack([p.image for p in images]))
         seed = self.seed if seed is None else seed
         logits = self.engine.sample_logits(x, self.mc_samples, seed).astype(np.float64)
         unscaled = summary = summarise_samples(expit(logits))
         if self.spec.temperatures is not None:
-            summary = summarise_samples(expit(logits / self.spec.temperatures))
+            summary = summarise_samples(apply_temperature(logits, self.spec.temperatures))
         flags = flag(summary["uncertainty"], self.threshold)
         calibration = self.spec.calibration
         if calibration is not None:  # fitted on unscaled means, as calibrate computes them
@@ -349,6 +350,11 @@ class Classifier:
                 prediction.heatmaps = self._heatmaps(x[i : i + 1], prediction.probability)
             predictions.append(prediction)
         return predictions
+
+    @property
+    def supports_gradcam(self) -> bool:
+        """Whether the engine can give Grad-CAM heatmaps (it needs gradients: torch only)."""
+        return hasattr(self.engine, "gradcam")
 
     def model_input(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W) at input size -> float32 (B, 3, H, W) normalised for the model."""

@@ -197,7 +197,7 @@ def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelS
     if device not in (None, "cpu"):
         raise CxrError(f"--device {device}: the onnx engine runs on the CPU; use --engine torch")
     engine = OnnxEngine(path)
-    _warn_if_stale(find_export(path))
+    _warn_if_stale(engine.folder)
     meta = engine.metadata
     temperatures = meta.get("temperatures")
     calibration = meta.get("calibration")

@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
-# The page loads only its own files; images arrive as data: URLs, previews as blob: URLs.
+# The page loads only its own files; images arrive as data: URLs.
 _CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
 
@@ -57,7 +57,8 @@ class ServeSettings:
         queue_size: requests held at once, running or waiting for the model (default 16); one
             more gets 503 with Retry-After instead of an unbounded wait.
         token: when set, /predict and /model require `Authorization: Bearer <token>`.
-        heatmaps: allow Grad-CAM heatmaps (`heatmap=true`); they cost a backward pass each.
+        heatmaps: allow Grad-CAM heatmaps (`heatmap=true`) when the classifier's engine gives
+            them (`Classifier.supports_gradcam`); they cost a backward pass each.
     """
 
     max_upload_bytes: int = 20 * 2**20
@@ -79,6 +80,7 @@ class ServeSettings:
 def create_app(classifier: Classifier, settings: ServeSettings | None = None) -> FastAPI:
     """A FastAPI app serving `classifier` under `settings` (defaults: `ServeSettings()`)."""
     settings = settings or ServeSettings()
+    heatmaps = settings.heatmaps and classifier.supports_gradcam
     worker = ModelWorker(settings.queue_size)
 
     @asynccontextmanager
@@ -118,7 +120,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
             "status": "ok",
             "queue": {"held": worker.held, "capacity": worker.capacity},
             "auth": settings.token is not None,
-            "heatmaps": settings.heatmaps,
+            "heatmaps": heatmaps,
             "max_upload_bytes": settings.max_upload_bytes,
         }
 
@@ -130,7 +132,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
     async def predict(request: Request) -> JSONResponse:
         upload = await read_upload(request, settings.max_upload_bytes)
         heatmap = _flag(request, upload, "heatmap")
-        if heatmap and not settings.heatmaps:
+        if heatmap and not heatmaps:
             raise HTTPException(400, "heatmaps are disabled on this server")
         image = _flag(request, upload, "image")
         start = time.perf_counter()
