@@ -106,3 +106,38 @@ def test_without_medmnist_the_error_names_the_extra_and_the_offline_file(monkeyp
     monkeypatch.setitem(sys.modules, "medmnist", None)  # import fails as if not installed
     with pytest.raises(CxrError, match=r"cxrfusion\[medmnist\].*path/to/chestmnist_224.npz"):
         resolve("chestmnist:224")
+
+
+@pytest.fixture
+def medmnist_root(tmp_path, monkeypatch) -> Path:
+    """medmnist's cache folder, moved into the test's folder."""
+    medmnist = pytest.importorskip("medmnist", reason="optional extra [medmnist] not installed")
+    monkeypatch.setattr(medmnist.info, "DEFAULT_ROOT", str(tmp_path / "medmnist"))
+    return tmp_path / "medmnist"
+
+
+def test_a_cached_npz_is_used_as_it_is_without_downloading(medmnist_root, monkeypatch):
+    medmnist_root.mkdir()
+    (medmnist_root / "chestmnist_64.npz").write_bytes(b"cached")
+    monkeypatch.setattr(
+        "torchvision.datasets.utils.download_url", lambda *a, **k: pytest.fail("downloaded")
+    )
+    assert resolve("chestmnist:64") == medmnist_root / "chestmnist_64.npz"
+
+
+def test_a_download_lands_whole_or_not_at_all(medmnist_root, monkeypatch):
+    calls = []
+
+    def fake_download(url, root, filename, md5):
+        calls.append((url, filename, md5))
+        (Path(root) / filename).write_bytes(b"half")
+        if len(calls) == 1:
+            raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", fake_download)
+    with pytest.raises(CxrError, match=r"could not download chestmnist_128\.npz; fetch https"):
+        resolve("chestmnist:128")
+    assert list(medmnist_root.iterdir()) == []  # no partial file taken for the dataset later
+    assert resolve("chestmnist:128") == medmnist_root / "chestmnist_128.npz"
+    assert (medmnist_root / "chestmnist_128.npz").read_bytes() == b"half"
+    assert calls[0][1] == "chestmnist_128.npz" and len(calls[0][2]) == 32  # MD5 checked

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,24 +92,40 @@ def resolve(data: Path | str) -> Path:
 
 
 def _download(size: int) -> Path:
+    """medmnist's copy of the npz (`~/.medmnist`), downloaded there first if absent.
+
+    Not through `medmnist.ChestMNIST(download=True)`: its constructor decompresses a whole split
+    (the test images: ~1.1 GB at 224 px) and MD5-checks the file on every call. This is what its
+    `download()` does, into a temporary folder renamed into place once the MD5 matches, so an
+    interrupted download leaves nothing that a later call would take for the file.
+    """
     try:
-        from medmnist import INFO, ChestMNIST
+        from medmnist import INFO
+        from medmnist import info as medmnist_info
     except ImportError:
         raise CxrError(
             "--data chestmnist needs the medmnist package (pip install 'cxrfusion[medmnist]'); "
             "offline, pass a downloaded file: --data path/to/chestmnist_224.npz"
         ) from None
+    from torchvision.datasets.utils import download_url
+
     flag = "" if size == 28 else f"_{size}"
-    try:  # the smallest split: medmnist loads it after downloading
-        dataset = ChestMNIST(split="test", size=size, download=True)
-    except (RuntimeError, OSError):
-        info = INFO["chestmnist"]
-        raise CxrError(
-            f"--data chestmnist:{size}: medmnist could not download chestmnist{flag}.npz; fetch "
-            f"{info[f'url{flag}']} (MD5 {info[f'MD5{flag}']}) elsewhere and pass "
-            f"--data path/to/chestmnist{flag}.npz"
-        ) from None
-    return Path(dataset.root) / f"chestmnist{flag}.npz"
+    name, info = f"chestmnist{flag}.npz", INFO["chestmnist"]
+    root = Path(medmnist_info.DEFAULT_ROOT)
+    if (root / name).is_file():
+        return root / name
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download.") as tmp:
+        try:
+            download_url(info[f"url{flag}"], tmp, name, info[f"MD5{flag}"])
+        except (RuntimeError, OSError):
+            raise CxrError(
+                f"--data chestmnist:{size}: could not download {name}; fetch "
+                f"{info[f'url{flag}']} (MD5 {info[f'MD5{flag}']}) elsewhere and pass "
+                f"--data path/to/{name}"
+            ) from None
+        os.replace(Path(tmp) / name, root / name)
+    return root / name
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
