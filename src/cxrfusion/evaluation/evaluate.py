@@ -27,7 +27,7 @@ from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.calibration import calibration_summary
 from cxrfusion.evaluation.conformal import Calibration, load_calibration
 from cxrfusion.evaluation.figures import evaluation_figures, example_figures
-from cxrfusion.evaluation.metrics import auc_summary, per_class_average_precision
+from cxrfusion.evaluation.metrics import auc_summary, json_number, per_class_average_precision
 from cxrfusion.evaluation.operating_points import operating_points
 from cxrfusion.evaluation.predictions import predict_sample_logits, predictions_table
 from cxrfusion.evaluation.referral import referral_curve
@@ -309,7 +309,7 @@ def _add_metrics(
     metrics["auprc"] = {
         "classes": {
             label: {
-                "auprc": None if np.isnan(a) else float(a),
+                "auprc": json_number(a),
                 "prevalence": float(p),
             }
             for label, a, p in zip(LABELS, auprc, prevalence, strict=True)

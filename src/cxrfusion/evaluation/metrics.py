@@ -286,9 +286,9 @@ def roc_curve_points(
     return curves
 
 
-def _json_number(value: float) -> float | None:
+def json_number(value: float | None) -> float | None:
     """A float for JSON: None instead of NaN (JSON has no NaN)."""
-    return None if np.isnan(value) else float(value)
+    return None if value is None or np.isnan(value) else float(value)
 
 
 def auc_summary(
@@ -319,9 +319,9 @@ def auc_summary(
     positives = y.astype(bool).sum(axis=0)
     classes = {
         label: {
-            "auc": _json_number(ci["auc"][c]),
-            "ci_low": _json_number(ci["ci_low"][c]),
-            "ci_high": _json_number(ci["ci_high"][c]),
+            "auc": json_number(ci["auc"][c]),
+            "ci_low": json_number(ci["ci_low"][c]),
+            "ci_high": json_number(ci["ci_high"][c]),
             "n_valid": int(ci["n_valid"][c]),
             "positives": int(positives[c]),
             "negatives": int(len(y) - positives[c]),
@@ -331,9 +331,9 @@ def auc_summary(
     return {
         "classes": classes,
         "macro": {
-            "auc": _json_number(ci["macro_auc"]),
-            "ci_low": _json_number(ci["macro_ci_low"]),
-            "ci_high": _json_number(ci["macro_ci_high"]),
+            "auc": json_number(ci["macro_auc"]),
+            "ci_low": json_number(ci["macro_ci_low"]),
+            "ci_high": json_number(ci["macro_ci_high"]),
             "n_valid": int(ci["macro_n_valid"]),
         },
         "n_images": ci["n_images"],

@@ -14,13 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from cxrfusion.evaluation.metrics import json_number
 from cxrfusion.labels import LABELS
 
 TARGET_SENSITIVITY = 0.9
-
-
-def _json(value: float) -> float | None:
-    return None if value is None or np.isnan(value) else float(value)
 
 
 def choose_thresholds(
@@ -101,10 +98,10 @@ def operating_points(
             val_sens, val_spec = sensitivity_specificity(y_val[:, c], p_val[:, c], threshold)
             points[name] = {
                 "threshold": float(threshold),
-                "sensitivity": _json(sens),
-                "specificity": _json(spec),
-                "val_sensitivity": _json(val_sens),
-                "val_specificity": _json(val_spec),
+                "sensitivity": json_number(sens),
+                "specificity": json_number(spec),
+                "val_sensitivity": json_number(val_sens),
+                "val_specificity": json_number(val_spec),
             }
         classes[label] = points
     return {"target_sensitivity": target_sensitivity, "classes": classes}

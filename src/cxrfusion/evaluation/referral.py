@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
+from cxrfusion.evaluation.metrics import json_number, macro_auc, per_class_auc
 
 DEFAULT_FRACTIONS = np.linspace(0.0, 0.5, 11)
 
@@ -53,7 +53,7 @@ def referral_curve(
     for k in n_referred:
         retained = order[k:]
         value = macro_auc(per_class_auc(y[retained], p[retained]))
-        aucs.append(None if np.isnan(value) else value)
+        aucs.append(json_number(value))
     return {
         "fraction_referred": [float(f) for f in fractions],
         "macro_auc": aucs,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
+from cxrfusion.evaluation.metrics import json_number, macro_auc, per_class_auc
 from cxrfusion.labels import LABELS
 
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 121, "80+"))
@@ -41,10 +41,6 @@ def subgroup_columns(rows: pd.DataFrame) -> dict[str, pd.Series]:
     if COLUMNS["view"] in rows:
         groups["view"] = rows[COLUMNS["view"]].astype("string").str.upper()
     return groups
-
-
-def _json(value: float) -> float | None:
-    return None if np.isnan(value) else float(value)
 
 
 def subgroup_aucs(
@@ -76,7 +72,7 @@ def subgroup_aucs(
             result[kind][str(name)] = {
                 "images": int(member.sum()),
                 "patients": int(len(np.unique(patients[member]))),
-                "macro_auc": _json(macro_auc(aucs)),
-                "auc": {label: _json(a) for label, a in zip(labels, aucs, strict=True)},
+                "macro_auc": json_number(macro_auc(aucs)),
+                "auc": {label: json_number(a) for label, a in zip(labels, aucs, strict=True)},
             }
     return result
