@@ -248,13 +248,27 @@ def test_focal_loss_is_computed_in_float32_under_mixed_precision():
     assert mixed.item() == pytest.approx(loss(logits.bfloat16().float(), targets).item(), rel=1e-6)
 
 
-def test_environment_names_the_commit_and_survives_outside_git(monkeypatch, tmp_path):
+def test_environment_names_the_commit_marks_local_changes_and_survives_outside_git(
+    monkeypatch, tmp_path
+):
     import cxrfusion
     from cxrfusion.training import fit
 
-    commit = fit._git_commit()
-    assert commit is None or len(commit.removesuffix("-dirty")) == 40
-    monkeypatch.setattr(cxrfusion, "__file__", str(tmp_path / "cxrfusion" / "__init__.py"))
+    package = tmp_path / "repo" / "cxrfusion"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("version = 1\n")
+    git = ["git", "-C", str(package.parent), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    monkeypatch.setattr(cxrfusion, "__file__", str(package / "__init__.py"))
+    assert fit._git_commit() == head
+    (package / "__init__.py").write_text("version = 2\n")
+    assert fit._git_commit() == f"{head}-dirty"
+    monkeypatch.setattr(cxrfusion, "__file__", str(tmp_path / "elsewhere" / "__init__.py"))
     assert fit._git_commit() is None
 
 
