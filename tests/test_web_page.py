@@ -21,8 +21,12 @@ WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
-def page_url(mc_dropout_run) -> str:
-    classifier = Classifier.load(mc_dropout_run, mc_samples=10)
+def classifier(mc_dropout_run) -> Classifier:
+    return Classifier.load(mc_dropout_run, mc_samples=10)
+
+
+@pytest.fixture(scope="module")
+def page_url(classifier) -> str:
     with background_server(create_app(classifier, ServeSettings())) as url:
         yield url
 
@@ -52,7 +56,7 @@ def _choose(browser, file: Path) -> None:
 
 
 def test_page_shows_the_14_probabilities_the_flag_and_the_heatmap(
-    browser, page_url, nih_sample, tmp_path
+    browser, page_url, classifier, nih_sample, tmp_path
 ):
     image = sorted((nih_sample / "images").glob("*.png"))[0]
     browser.get(page_url + "/")
@@ -65,9 +69,10 @@ def test_page_shows_the_14_probabilities_the_flag_and_the_heatmap(
     )
     assert [row.get_attribute("data-label") for row in rows] == list(LABELS)
     values = [float(row.find_element(By.CSS_SELECTOR, ".value").text) for row in rows]
-    assert all(0.0 <= v <= 1.0 for v in values)
+    expected = classifier.predict(image)  # the server's answer: same seed, batch 0
+    assert values == pytest.approx(expected.probability, abs=5e-4)  # shown with 3 decimals
     flag = browser.find_element(By.ID, "flag")
-    assert flag.get_attribute("data-flag") in ("true", "false")
+    assert flag.get_attribute("data-flag") == str(expected.flag).lower()
     assert flag.text.startswith(
         "Review recommended" if flag.get_attribute("data-flag") == "true" else "No review flag"
     )
