@@ -102,7 +102,7 @@ def _prepare(args: argparse.Namespace) -> None:
     from cxrfusion.data.chestmnist import is_chestmnist
 
     if not (args.data.is_dir() or is_chestmnist(args.data)):
-        raise CxrError(f"{args.data}: no such data folder (--data)")
+        raise CxrError(f"{args.data}: not a data folder, chestmnist[:SIZE] or a .npz file (--data)")
     from cxrfusion.data.prepare import prepare  # after the cheap checks: it loads pandas, torch
 
     result = prepare(args.data, args.out, options)

@@ -169,7 +169,7 @@ def _check_train(args: argparse.Namespace) -> None:
     from cxrfusion.data.chestmnist import is_chestmnist
 
     if args.data and not (Path(args.data).is_dir() or is_chestmnist(args.data)):
-        raise CxrError(f"{args.data}: no such data folder (--data)")
+        raise CxrError(f"{args.data}: not a data folder, chestmnist[:SIZE] or a .npz file (--data)")
     check_can_run(config)
 
 
