@@ -1,20 +1,49 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv on first use.
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv on first use and
+# installs from the lock (requirements.lock) with uv; `make lock` upgrades the lock on purpose.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+UV     := $(BIN)/uv
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 DEMO   ?= runs/demo
+UV_VERSION := 0.13.9
 
-.PHONY: install demo test lint bench clean
+# uv does not read pip's configuration: carry this machine's indexes (here the local torch wheels)
+# over from it, whatever they are, so that pip and uv see the same packages.
+pip_config = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
+ifneq ($(call pip_config,index-url),)
+export UV_INDEX_URL ?= $(call pip_config,index-url)
+endif
+ifneq ($(call pip_config,extra-index-url),)
+export UV_EXTRA_INDEX_URL ?= $(call pip_config,extra-index-url)
+endif
+ifneq ($(call pip_config,find-links),)
+export UV_FIND_LINKS ?= $(call pip_config,find-links)
+endif
+# Take each package's best version across the indexes, not only the first index that has it.
+export UV_INDEX_STRATEGY ?= unsafe-best-match
+
+.PHONY: install lock demo test test-matrix lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	# torch first and pinned, so that no resolver ever reaches for another build.
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+
+$(UV): $(VENV)/bin/python
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# Exactly the lock (hashes checked; torch pinned in it), then this package without its dependencies.
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
+	$(UV) pip sync --quiet --python $(BIN)/python $(LOCK)
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
+
+# Upgrade every dependency to the newest the pyproject's ranges allow, on purpose.
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --generate-hashes --upgrade --python-version 3.11 \
+		--no-header --output-file $(LOCK)
 
 # The whole pipeline on built-in phantoms, CPU-sized: synth > prepare > train two models >
 # evaluate both > compare > predict new files (PyTorch, then the ONNX export on ONNX Runtime).
@@ -50,6 +79,17 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+# The suite again on what `pip install cxrfusion` may give a library user: the newest versions the
+# pyproject's ranges allow, and the lowest (each in its own venv, .venv-highest / .venv-lowest-direct).
+MATRIX := highest lowest-direct
+test-matrix: test
+	set -e; for res in $(MATRIX); do \
+	  rm -rf .venv-$$res; $(PYTHON) -m venv .venv-$$res; \
+	  $(UV) pip install --quiet --python .venv-$$res/bin/python --resolution $$res -e '.[dev]'; \
+	  echo "== $$res: $$(.venv-$$res/bin/python -c 'import numpy, pandas, sklearn, lightning, timm, onnxruntime as o; print(numpy.__version__, pandas.__version__, sklearn.__version__, lightning.__version__, timm.__version__, o.__version__)')"; \
+	  .venv-$$res/bin/pytest -q -p no:cacheprovider; \
+	done
+
 bench: $(STAMP)
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/mc_dropout.py
@@ -58,4 +98,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/serve_load.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-* runs .pytest_cache
