@@ -4,6 +4,7 @@ carry nothing of the kind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -16,7 +17,7 @@ from scipy.special import expit
 
 from cxrfusion import Classifier
 from cxrfusion.cli import main
-from cxrfusion.evaluation.conformal import apply_calibration, load_calibration
+from cxrfusion.evaluation.conformal import apply_calibration, load_calibration, save_calibration
 from cxrfusion.evaluation.temperature import write_temperature
 from cxrfusion.evaluation.uncertainty import summarise_samples
 from cxrfusion.labels import LABELS
@@ -26,20 +27,37 @@ N_IMAGES = 24
 
 
 @pytest.fixture(scope="module")
-def calibrated_run(mc_dropout_run: Path, tmp_path_factory) -> Path:
-    """A copy of the shared phantom run, calibrated at alpha 0.2 (referral alpha 0.02, so that some
-    images are referred) and given temperatures (so that scaled and unscaled means differ)."""
+def images(phantoms: Path) -> list[Path]:
+    return sorted(phantoms.rglob("*.png"))[:N_IMAGES]
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(mc_dropout_run: Path, images: list[Path], tmp_path_factory) -> Path:
+    """A copy of the shared phantom run, calibrated by `cxrfusion calibrate` and given
+    temperatures (so that scaled and unscaled means differ). The thresholds are then moved to
+    the medians of these images' own unscaled scores, so that some of them are positive and some
+    referred, and some not, whatever the trained model (a fitted calibration on a small run may
+    refer nothing)."""
     run = tmp_path_factory.mktemp("calibrated_api") / "run"
     shutil.copytree(mc_dropout_run, run, ignore=shutil.ignore_patterns("last.ckpt", "eval_*"))
     argv = ["calibrate", "--run", str(run), "--alpha", "0.2", "--referral-alpha", "0.02"]
     assert main([*argv, "--mc-samples", str(MC_SAMPLES)]) == 0
+    unscaled = Classifier.load(run, device="cpu", mc_samples=MC_SAMPLES).predict_many(
+        images, batch_size=8
+    )
+    means = np.stack([p.probability for p in unscaled])
+    uncertainty = np.array([p.uncertainty for p in unscaled])
+    fitted = load_calibration(run)
+    save_calibration(
+        dataclasses.replace(
+            fitted,
+            thresholds=dict(zip(LABELS, np.median(means, axis=0).tolist(), strict=True)),
+            referral_threshold=float(np.median(uncertainty)),
+        ),
+        run,
+    )
     write_temperature(run, np.linspace(0.5, 2.0, len(LABELS)), {"split": "val"})
     return run
-
-
-@pytest.fixture(scope="module")
-def images(phantoms: Path) -> list[Path]:
-    return sorted(phantoms.rglob("*.png"))[:N_IMAGES]
 
 
 def test_predictions_carry_apply_calibration_on_the_unscaled_means(

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxrfusion.data.nih import DEMOGRAPHIC_COLUMNS
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation import evaluate as pipeline
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
-from cxrfusion.evaluation.temperature import read_temperature
+from cxrfusion.evaluation.temperature import read_temperature, write_temperature
 from cxrfusion.labels import LABELS
 
 QUICK = dict(bootstrap=100, examples=1, mc_samples=5)
@@ -36,15 +36,30 @@ def scaled(run: Path) -> Path:
     return evaluate(run, options=EvaluateOptions(temperature_scale=True, **QUICK))
 
 
-def test_metrics_hold_auprc_with_prevalence_as_its_baseline(scaled: Path) -> None:
-    metrics = json.loads((scaled / "metrics.json").read_text())
-    predictions = pd.read_csv(scaled / "predictions.csv")
+@pytest.fixture(scope="module")
+def saturated(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test split evaluated with temperatures of 0.05 (logits x 20): probabilities saturate."""
+    copy = Path(shutil.copytree(run, tmp_path_factory.mktemp("saturated") / "run"))
+    write_temperature(copy, np.full(len(LABELS), 0.05), {"split": "made by the test"})
+    return evaluate(copy, options=EvaluateOptions(**QUICK))
+
+
+def test_predictions_csv_reproduces_every_auc_and_auprc_of_metrics_json(saturated: Path) -> None:
+    metrics = json.loads((saturated / "metrics.json").read_text())
+    predictions = pd.read_csv(saturated / "predictions.csv")
+    probabilities = predictions[list(LABELS)].to_numpy()
+    # Saturated: 6 significant digits would write many of these as 1 or 0 and tie them.
+    assert ((probabilities > 1 - 1e-6) | (probabilities < 1e-12)).mean() > 0.1
     for label in LABELS:
-        truth, entry = predictions[f"true_{label}"], metrics["auprc"]["classes"][label]
-        assert entry["prevalence"] == pytest.approx(truth.mean())
-        if truth.any():
+        truth, auprc = predictions[f"true_{label}"], metrics["auprc"]["classes"][label]
+        assert auprc["prevalence"] == pytest.approx(truth.mean(), abs=1e-12)
+        auc = metrics["auc"]["classes"][label]["auc"]
+        if 0 < truth.sum() < len(truth):
+            assert auc == pytest.approx(roc_auc_score(truth, predictions[label]), abs=1e-12)
             expected = average_precision_score(truth, predictions[label])
-            assert entry["auprc"] == pytest.approx(expected, abs=2e-3)  # csv keeps 6 digits
+            assert auprc["auprc"] == pytest.approx(expected, abs=1e-12)
+        else:
+            assert auc is None
     assert metrics["auc"]["macro"]["n_valid"] <= metrics["auc"]["n_resamples"] == 100
 
 
@@ -78,11 +93,16 @@ def test_temperatures_are_saved_in_the_run_and_reliability_shows_before_and_afte
     saved = read_temperature(scaled.parent)
     np.testing.assert_allclose(saved, [metrics["temperature"][label] for label in LABELS])
     record = json.loads((scaled.parent / "temperature.json").read_text())
-    assert record["fitted_on"]["fitted_on"] == "val" and record["fitted_on"]["mc_samples"] == 5
+    assert record["fitted_on"]["split"] == "val" and record["fitted_on"]["mc_samples"] == 5
+    fit = record["fit"]["classes"]
+    positives = pd.read_csv(scaled.parent / "split.csv").query("split == 'val'")[list(LABELS)].sum()
+    assert {label: fit[label]["positives"] for label in LABELS} == positives.to_dict()
+    for label in LABELS:  # a class without its own fit takes the shared value
+        assert fit[label]["own_fit"] or fit[label]["temperature"] == record["fit"]["shared"]
     assert set(metrics["calibration_before_temperature"]) == {"ECE", "Brier", "NLL"}
     assert metrics["notes"] == []
     html = (scaled / "report.html").read_text()
-    assert "after temperature scaling" in html
+    assert "after temperature scaling" in html and "validation positives" in html
 
 
 def test_evaluating_the_split_temperatures_were_fitted_on_warns_and_replaces_the_old_folder(

@@ -34,6 +34,7 @@ from cxrfusion.evaluation.referral import referral_curve
 from cxrfusion.evaluation.sections import write_evaluation_report
 from cxrfusion.evaluation.subgroups import subgroup_aucs
 from cxrfusion.evaluation.temperature import (
+    TemperatureFit,
     apply_temperature,
     fit_temperature,
     read_temperature,
@@ -43,6 +44,7 @@ from cxrfusion.evaluation.trust import load_sources, trust_results
 from cxrfusion.evaluation.uncertainty import summarise_samples
 from cxrfusion.inference.runs import load_run, resolve_checkpoint
 from cxrfusion.labels import LABELS
+from cxrfusion.tables import to_csv
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +202,9 @@ def evaluate(
     metrics: dict = {"split": options.split, "checkpoint": str(checkpoint), "notes": []}
     temperature = None
     if options.temperature_scale:
-        temperature = fit_temperature(logits[TUNING_SPLIT], tuning.y)
-        _note_scaling(metrics, temperature, options, len(tuning.rows))
+        fit = fit_temperature(logits[TUNING_SPLIT], tuning.y)
+        temperature = fit.values
+        _note_scaling(metrics, fit, options, len(tuning.rows))
     elif (temperature := read_temperature(run_dir)) is not None:
         # The predictor that predict, the API and the service use: the run's saved temperatures.
         metrics["temperature"] = dict(zip(LABELS, temperature.tolist(), strict=True))
@@ -226,7 +229,7 @@ def evaluate(
     split = read_split(run_dir / "split.csv")
     with _staged(out) as staging:
         table = predictions_table(evaluated.rows, summary, options.threshold)
-        write_atomic(staging / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+        write_atomic(staging / "predictions.csv", to_csv(table))
         metrics["uncertainty"]["flagged"] = int(table["flag"].sum())
         trust, trust_sections = trust_results(
             sources, staging, run_dir, model, evaluated.dataset, evaluated.rows,
@@ -249,7 +252,8 @@ def evaluate(
             staging, run_dir, config.to_yaml(), split, metrics, figures, trust_sections
         )
     if options.temperature_scale:
-        write_temperature(run_dir, temperature, metrics["temperature_scaling"])
+        scaling = metrics["temperature_scaling"]
+        write_temperature(run_dir, temperature, scaling["fitted_on"], scaling["fit"])
     log.info("evaluation of %s written to %s", run_dir, out)
     return out
 
@@ -272,16 +276,19 @@ def _conformal_notes(calibration: Calibration, options: EvaluateOptions) -> list
 
 
 def _note_scaling(
-    metrics: dict, temperature: np.ndarray, options: EvaluateOptions, n_images: int
+    metrics: dict, fit: TemperatureFit, options: EvaluateOptions, n_images: int
 ) -> None:
     """Record the fitted temperatures, and warn when they are judged on their own data."""
-    metrics["temperature"] = dict(zip(LABELS, temperature.tolist(), strict=True))
+    metrics["temperature"] = dict(zip(LABELS, fit.values.tolist(), strict=True))
     metrics["temperature_scaling"] = {
-        "fitted_on": TUNING_SPLIT,
-        "images": n_images,
-        "mc_samples": options.mc_samples,
-        "mc_mode": options.mc_mode,
-        "seed": options.seed,
+        "fitted_on": {
+            "split": TUNING_SPLIT,
+            "images": n_images,
+            "mc_samples": options.mc_samples,
+            "mc_mode": options.mc_mode,
+            "seed": options.seed,
+        },
+        "fit": fit.record(),
     }
     if options.split == TUNING_SPLIT:
         note = (

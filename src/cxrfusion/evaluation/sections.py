@@ -90,7 +90,7 @@ def _calibration_section(metrics: Mapping, figure: Path) -> Section:
         )
     scaling = metrics.get("temperature_scaling")
     origin = (
-        f"fitted on the {scaling['fitted_on']} split's MC-dropout logits and saved as "
+        f"fitted on the {scaling['fitted_on']['split']} split's MC-dropout logits and saved as "
         "temperature.json in the run"
         if scaling
         else "read from the run's temperature.json (fitted by an earlier evaluation)"
@@ -102,6 +102,22 @@ def _calibration_section(metrics: Mapping, figure: Path) -> Section:
         table=calibration_table(before, metrics["calibration"]),
         figure=figure,
         caption="Reliability of all image-class pairs before and after temperature scaling.",
+    )
+
+
+def _temperature_section(fit: Mapping) -> Section:
+    """The fitted temperatures, with the positives behind each and whether it is its own."""
+    table = pd.DataFrame(fit["classes"]).T.rename(
+        columns={"temperature": "T", "positives": "validation positives", "own_fit": "own fit"}
+    )
+    table["own fit"] = table["own fit"].map({True: "yes", False: "shared"})
+    return Section(
+        "Temperatures",
+        text=f"One temperature shared by all classes (T = {fit['shared']:.3f}); a class with at "
+        f"least {fit['min_events']} validation positives and negatives deviates from it as far "
+        f"as its data pay for (MAP, prior sd of log T {fit['prior_sd_log_t']}), the others take "
+        "it as it is.",
+        table=table,
     )
 
 
@@ -160,6 +176,11 @@ def write_evaluation_report(
         ),
         _subgroup_section(metrics),
         _calibration_section(metrics, figures["reliability"]),
+        *(
+            [_temperature_section(metrics["temperature_scaling"]["fit"])]
+            if "temperature_scaling" in metrics
+            else []
+        ),
         Section(
             "Uncertainty",
             text=f"Monte-Carlo dropout, T = {uncertainty['mc_samples']} ({uncertainty['mc_mode']} "

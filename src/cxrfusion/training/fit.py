@@ -205,7 +205,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
 
 def best_epoch(run_dir: Path) -> tuple[int, float]:
-    """The epoch with the best validation macro AUC in a run's metrics.csv, and that AUC."""
+    """The epoch with the best validation macro AUC in a run's metrics.csv, and that AUC.
+
+    The epoch is counted from 1, as the progress lines count them; metrics.csv keeps Lightning's
+    0-based `epoch` column.
+    """
     history = pd.read_csv(run_dir / "metrics.csv")
     best = history[MONITOR].idxmax()
-    return int(history["epoch"][best]), float(history[MONITOR][best])
+    return int(history["epoch"][best]) + 1, float(history[MONITOR][best])
