@@ -127,7 +127,9 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         "conformal risk control so that each pathology's expected false-negative rate on new "
         "images from the same distribution is at most --alpha, and an uncertainty threshold "
         "above which images are referred, so that the expected share of images kept with a "
-        "missed finding is at most --referral-alpha. Writes <run>/calibration.json, which "
+        "missed finding is at most --referral-alpha. With --unit patient the exchangeable cases "
+        "are patients and both bounds hold for patient-averaged rates (a patient's images are "
+        "correlated, so an image-level bound can leak). Writes <run>/calibration.json, which "
         "evaluate then checks on its split.",
         epilog="example: cxrfusion calibrate --run runs/fusion --alpha 0.1",
     )
@@ -145,11 +147,18 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         "--mc-mode", choices=("head", "full"), default="head", help="as in evaluate (default head)"
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per pass (default 64)")
+    p.add_argument(
+        "--unit",
+        choices=("patient", "image"),
+        help="what the guarantee treats as exchangeable (default: patient when a validation "
+        "patient has several images, else image)",
+    )
     p.add_argument("--seed", type=int, default=0, help="dropout masks and calibration halves")
     p.set_defaults(func=_calibrate)
 
 
 def _calibrate(args: argparse.Namespace) -> None:
+    from cxrfusion.evaluation.conformal import UNITS
     from cxrfusion.evaluation.trust import calibrate_run
 
     fitted, path = calibrate_run(
@@ -161,10 +170,12 @@ def _calibrate(args: argparse.Namespace) -> None:
         mc_mode=args.mc_mode,
         batch_size=args.batch_size,
         seed=args.seed,
+        unit=args.unit,
     )
     refer = fitted.referral_threshold
     print(
-        f"thresholds for FNR <= {fitted.alpha:g} on {fitted.n_calibration} validation images; "
+        f"thresholds for {UNITS[fitted.unit]} FNR <= {fitted.alpha:g} on "
+        f"{fitted.n_calibration} validation images; "
         + ("refer nothing" if refer is None else f"refer uncertainty >= {refer:.4g}")
         + f" (kept-with-a-miss <= {fitted.referral_alpha:g}, {fitted.n_referral} images)"
     )

@@ -6,19 +6,33 @@ arXiv 2208.02814): for losses L_i(lambda) in [0, B] that shrink as lambda grows,
 on n calibration cases gives E[L_new(lambda)] <= alpha on a new case exchangeable with them, whatever
 the model and the data distribution.
 
-Two such rules are fitted on the validation split of a run (images treated as exchangeable; the split
-is by patient, so new patients are what the guarantee speaks about):
+Two such rules are fitted on the validation split of a run. The calibration *unit* is what CRC
+treats as exchangeable, and so what the guarantee speaks about:
 
-- Per-pathology thresholds. For pathology k the calibration cases are the validation images positive
-  for k and the loss is the miss 1[p_k < t_k]. The guarantee is on the false-negative rate:
-  P(p_k < t_k | pathology k present) <= alpha for a new image; a pathology decides "positive" when
-  p_k >= t_k. Too few positives (n_k < 1 / alpha - 1) give t_k = 0: every image is positive, the only
-  rule with a guarantee there.
+- "image": each image is a case. Exact for exchangeable images; but a patient's follow-up images
+  are correlated, and with few positive patients the realised rate then exceeds alpha
+  (bench/conformal.py).
+- "patient": each patient is a case and its loss is the share of its images that the rule gets
+  wrong. The split is by patient, so new patients are exchangeable with the calibration ones and
+  the guarantee holds for the *patient-averaged* rate. The default when a validation patient has
+  several images.
+
+A patient's loss is its images' 0/1 losses weighted by 1 / (its images), so both units are one
+weighted CRC over images (weights 1 for the image unit), n being the sum of the weights.
+
+- Per-pathology thresholds. For pathology k the calibration cases are the validation images (or
+  patients) positive for k and the loss is the miss 1[p_k < t_k] (or the share of the patient's
+  positive images missed). The guarantee is on the false-negative rate: for a new image positive
+  for k, P(p_k < t_k) <= alpha; for a new patient with k, the expected share of their positive
+  images with p_k < t_k is at most alpha. A pathology decides "positive" when p_k >= t_k. Too few
+  positives (n_k < 1 / alpha - 1) give t_k = 0: every image is positive, the only rule with a
+  guarantee there.
 - Referral. With those thresholds, an image is *missed* when at least one of its true findings is
   decided negative. The model keeps an image when its uncertainty is below u and refers it to a
-  radiologist otherwise. The loss is 1[kept and missed], so the guarantee reads: the share of new
-  images that the model keeps while missing a finding (the *retained miss rate*; referred images count
-  as read by a radiologist) is at most `referral_alpha`.
+  radiologist otherwise. The loss is 1[kept and missed] (or its share among the patient's images),
+  so the guarantee reads: the share of new images (of a new patient's images) that the model keeps
+  while missing a finding (the *retained miss rate*; referred images count as read by a
+  radiologist) is at most `referral_alpha`.
 
 The validation images are split into two patient-disjoint halves: the thresholds are fitted on one,
 the referral rule on the other, because a miss depends on the thresholds and CRC needs its losses
@@ -34,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +63,19 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 METHODS = ("crc",)
+# Calibration unit -> how the guaranteed (and reported) rates average over images.
+UNITS = {"patient": "patient-averaged", "image": "image-weighted"}
 LOSS_BOUND = 1.0  # B: both losses are 0/1
+# Each unit's guarantee, as the report states it.
+GUARANTEES = {
+    "patient": "with patients as the exchangeable unit: for a new patient with a pathology, the "
+    "expected share of their positive images missed (the patient-averaged false-negative rate) "
+    "is at most {alpha:g}",
+    "image": "with images as the exchangeable unit: for a new image showing a pathology, the "
+    "chance that it is missed (the image-weighted false-negative rate) is at most {alpha:g}; "
+    "exact for exchangeable images only, as a patient's images are correlated (`calibrate "
+    "--unit patient` guarantees the patient-averaged rate)",
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +87,8 @@ class Calibration:
         referral_alpha: guaranteed bound on the retained miss rate (see the module docstring).
         method: "crc" (conformal risk control).
         thresholds: pathology -> decision threshold on its probability (positive when p >= t).
-        positives: pathology -> calibration positives its threshold was fitted on.
+        positives: pathology -> positive calibration units (images or patients, see `unit`) its
+            threshold was fitted on.
         referral_threshold: refer an image when its uncertainty >= this; None refers nothing.
         n_calibration: validation images used for the thresholds.
         n_referral: validation images (other patients) used for the referral threshold.
@@ -70,6 +96,8 @@ class Calibration:
         bound: B, the largest value of a loss (1: misses are counted 0/1).
         score: what the thresholds apply to (the MC-dropout mean probability) and the
             uncertainty score the referral uses.
+        unit: "patient" or "image", the exchangeable cases (see the module docstring); files
+            written before units existed were fitted on images.
     """
 
     alpha: float
@@ -84,19 +112,52 @@ class Calibration:
     mc_mode: str = "head"
     bound: float = LOSS_BOUND
     score: str = "MC-dropout mean probability; uncertainty = mean of the 14 stds"
+    unit: str = "image"
 
 
-def crc_threshold(scores: np.ndarray, alpha: float, bound: float = LOSS_BOUND) -> float:
+def _crc_cut(
+    scores: np.ndarray, weights: np.ndarray, n: float, alpha: float, bound: float
+) -> float | None:
+    """The largest t with (weight of the scores below t + B) / (n + 1) <= alpha.
+
+    That is the lowest score at which the weights of the scores at or below it exceed the budget
+    alpha (n + 1) - B; 0 when the budget is negative (no positive t qualifies), None when all the
+    weights fit in it.
+    """
+    budget = alpha * (n + 1) - bound
+    if budget < -1e-12:
+        return 0.0
+    order = np.argsort(scores, kind="stable")
+    over = np.flatnonzero(np.cumsum(weights[order]) > budget + 1e-9)
+    return None if len(over) == 0 else float(scores[order][over[0]])
+
+
+def unit_weights(groups: np.ndarray, unit: str) -> np.ndarray:
+    """(N,) each image's share of its unit's loss: 1, or 1 / (the patient's images in `groups`)."""
+    if unit == "image":
+        return np.ones(len(groups))
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
+
+
+def crc_threshold(
+    scores: np.ndarray,
+    alpha: float,
+    bound: float = LOSS_BOUND,
+    weights: np.ndarray | None = None,
+) -> float:
     """The CRC threshold t on the scores of the positive calibration cases: miss when score < t.
 
-    The largest t with (#{scores < t} + B) / (n + 1) <= alpha is the (m + 1)-th smallest score,
-    m = floor(alpha (n + 1) - B); with m < 0 no positive t qualifies and 0 is returned.
+    Unweighted, the largest t with (#{scores < t} + B) / (n + 1) <= alpha is the (m + 1)-th
+    smallest score, m = floor(alpha (n + 1) - B); with m < 0 no positive t qualifies and 0 is
+    returned. `weights` (`unit_weights` of the positives) make a patient's loss the share of its
+    positive images missed, n the number of patients.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    scores = np.sort(np.asarray(scores, dtype=float))
-    allowed = math.floor(alpha * (len(scores) + 1) - bound + 1e-12)
-    return 0.0 if allowed < 0 else float(scores[allowed])
+    scores = np.asarray(scores, dtype=float)
+    w = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=float)
+    return _crc_cut(scores, w, w.sum(), alpha, bound) or 0.0  # None is impossible: n > budget
 
 
 def missed(y_true: np.ndarray, decisions: np.ndarray) -> np.ndarray:
@@ -105,25 +166,32 @@ def missed(y_true: np.ndarray, decisions: np.ndarray) -> np.ndarray:
 
 
 def referral_threshold(
-    uncertainty: np.ndarray, miss: np.ndarray, alpha: float, bound: float = LOSS_BOUND
+    uncertainty: np.ndarray,
+    miss: np.ndarray,
+    alpha: float,
+    bound: float = LOSS_BOUND,
+    weights: np.ndarray | None = None,
 ) -> float | None:
     """The CRC referral threshold u: keep an image when its uncertainty < u, refer it otherwise.
 
-    The loss 1[kept and missed] grows with u; the largest u with (sum of losses + B) / (n + 1) <=
-    alpha is the uncertainty of the (m + 1)-th least uncertain missed image, m = floor(alpha (n + 1)
-    - B). None (refer nothing) when fewer images were missed; 0 (refer every image, uncertainties
-    being stds >= 0) when m < 0.
+    The loss 1[kept and missed] grows with u; unweighted, the largest u with (sum of losses + B) /
+    (n + 1) <= alpha is the uncertainty of the (m + 1)-th least uncertain missed image, m =
+    floor(alpha (n + 1) - B). None (refer nothing) when fewer images were missed; 0 (refer every
+    image, uncertainties being stds >= 0) when m < 0. `weights` (`unit_weights` of all the
+    images) make a patient's loss the share of its images kept and missed, n the patients.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"referral alpha must be in (0, 1), got {alpha}")
     uncertainty = np.asarray(uncertainty, dtype=float)
-    missed_uncertainty = np.sort(uncertainty[np.asarray(miss, dtype=bool)])
-    allowed = math.floor(alpha * (len(uncertainty) + 1) - bound + 1e-12)
-    if allowed < 0:
-        return 0.0
-    if allowed >= len(missed_uncertainty):
-        return None
-    return float(missed_uncertainty[allowed])
+    w = np.ones(len(uncertainty)) if weights is None else np.asarray(weights, dtype=float)
+    miss = np.asarray(miss, dtype=bool)
+    return _crc_cut(uncertainty[miss], w[miss], w.sum(), alpha, bound)
+
+
+def default_unit(groups: np.ndarray) -> str:
+    """The patient unit when a patient has several images (their losses are correlated, not
+    exchangeable), else the image unit."""
+    return "patient" if len(np.unique(groups)) < len(groups) else "image"
 
 
 def _halves(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +211,7 @@ def fit_calibration(
     referral_alpha: float = 0.05,
     method: str = "crc",
     seed: int = 0,
+    unit: str | None = None,
 ) -> Calibration:
     """Fit per-pathology thresholds and the referral threshold on validation predictions.
 
@@ -155,21 +224,29 @@ def fit_calibration(
         referral_alpha: bound on the retained miss rate, in (0, 1).
         method: "crc".
         seed: seed of the patient halves.
+        unit: "patient", "image" or None (`default_unit` of `groups`): what the guarantee
+            treats as exchangeable (see the module docstring).
     """
     if method not in METHODS:
         raise CxrError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if unit is not None and unit not in UNITS:
+        raise CxrError(f"--unit {unit!r}: expected one of {', '.join(UNITS)}")
     for name, value in (("--alpha", alpha), ("--referral-alpha", referral_alpha)):
         if not 0.0 < value < 1.0:
             raise CxrError(f"{name} {value}: must lie strictly between 0 and 1")
     y = np.asarray(y_true).astype(bool)
     p = np.asarray(probabilities, dtype=float)
-    thresholds_part, referral_part = _halves(np.asarray(groups), seed)
+    groups = np.asarray(groups)
+    unit = unit or default_unit(groups)
+    thresholds_part, referral_part = _halves(groups, seed)
     if not thresholds_part.any() or not referral_part.any():
         raise CxrError("calibration needs validation images of at least two patients")
-    yt, pt = y[thresholds_part], p[thresholds_part]
-    thresholds = {
-        label: crc_threshold(pt[yt[:, k], k], alpha, LOSS_BOUND) for k, label in enumerate(LABELS)
-    }
+    yt, pt, gt = y[thresholds_part], p[thresholds_part], groups[thresholds_part]
+    thresholds, positives = {}, {}
+    for k, label in enumerate(LABELS):
+        weights = unit_weights(gt[yt[:, k]], unit)
+        thresholds[label] = crc_threshold(pt[yt[:, k], k], alpha, LOSS_BOUND, weights)
+        positives[label] = round(weights.sum())  # the weights of a unit sum to 1
     trivial = [label for label, t in thresholds.items() if t == 0.0]
     if trivial:
         log.warning(
@@ -180,17 +257,22 @@ def fit_calibration(
     cut = np.array([thresholds[label] for label in LABELS])
     miss = missed(y[referral_part], p[referral_part] >= cut)
     referral = referral_threshold(
-        np.asarray(uncertainty, dtype=float)[referral_part], miss, referral_alpha, LOSS_BOUND
+        np.asarray(uncertainty, dtype=float)[referral_part],
+        miss,
+        referral_alpha,
+        LOSS_BOUND,
+        unit_weights(groups[referral_part], unit),
     )
     return Calibration(
         alpha=alpha,
         referral_alpha=referral_alpha,
         method=method,
         thresholds=thresholds,
-        positives={label: int(yt[:, k].sum()) for k, label in enumerate(LABELS)},
+        positives=positives,
         referral_threshold=referral,
         n_calibration=int(thresholds_part.sum()),
         n_referral=int(referral_part.sum()),
+        unit=unit,
     )
 
 
@@ -243,41 +325,67 @@ def calibration_from_dict(data: dict, where: Path | str) -> Calibration:
         calibration = Calibration(**data)
     except TypeError as error:
         raise CxrError(f"{where}: not a calibration file ({error}); run calibrate again") from None
+    if calibration.unit not in UNITS:
+        raise CxrError(f"{where}: unit {calibration.unit!r} is not one of {', '.join(UNITS)}")
     missing = set(LABELS) - set(calibration.thresholds)
     if missing:
         raise CxrError(f"{where}: no threshold for {sorted(missing)[0]}; run calibrate again")
     return calibration
 
 
+def unit_mean(values: np.ndarray, groups: np.ndarray, unit: str) -> float | None:
+    """Mean of per-image values: over images, or over patients of each patient's mean; None
+    without images."""
+    if len(values) == 0:
+        return None
+    if unit == "image":
+        return float(np.mean(values))
+    _, inverse = np.unique(groups, return_inverse=True)
+    return float(np.mean(np.bincount(inverse, weights=values) / np.bincount(inverse)))
+
+
 def realised_rates(
-    y_true: np.ndarray, probabilities: np.ndarray, uncertainty: np.ndarray, calibration: Calibration
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    uncertainty: np.ndarray,
+    groups: np.ndarray,
+    calibration: Calibration,
 ) -> dict:
     """JSON-ready check of a calibration on evaluated images: realised FNR per pathology beside
-    the bound, and the realised retained miss rate with the share referred."""
+    the bound, and the realised retained miss rate with the share referred, both averaged as the
+    guarantee is (over patients or images, `calibration.unit`).
+
+    Args:
+        groups: (N,) patient ids of the evaluated images.
+    """
     y = np.asarray(y_true).astype(bool)
+    groups = np.asarray(groups)
+    unit = calibration.unit
     positive, referred = apply_calibration(probabilities, uncertainty, calibration)
     classes = {}
     for k, label in enumerate(LABELS):
-        n_pos = int(y[:, k].sum())
-        misses = int((y[:, k] & ~positive[:, k]).sum())
+        present = y[:, k]
+        miss = ~positive[present, k]
         classes[label] = {
             "threshold": calibration.thresholds[label],
-            "positives": n_pos,
-            "false_negatives": misses,
-            "fnr": misses / n_pos if n_pos else None,
+            "positives": int(present.sum()),
+            "positive_patients": len(np.unique(groups[present])),
+            "false_negatives": int(miss.sum()),
+            "fnr": unit_mean(miss, groups[present], unit),
             "bound": calibration.alpha,
         }
     kept_missed = missed(y, positive) & ~referred
     return {
         "alpha": calibration.alpha,
         "method": calibration.method,
+        "unit": unit,
         "n_calibration": calibration.n_calibration,
         "classes": classes,
         "referral": {
             "threshold": calibration.referral_threshold,
             "bound": calibration.referral_alpha,
             "referred": int(referred.sum()),
-            "retained_miss_rate": float(kept_missed.mean()) if len(y) else None,
+            "retained_miss_rate": unit_mean(kept_missed, groups, unit),
         },
     }
 
@@ -285,9 +393,12 @@ def realised_rates(
 def conformal_section(realised: dict) -> Section:
     """The report's section: each pathology's threshold, realised FNR and bound; the referral."""
     table = pd.DataFrame.from_dict(realised["classes"], orient="index")
+    unit = realised["unit"]
+    averaged = UNITS[unit]
     table = table.rename(
         columns={
-            "fnr": "realised FNR",
+            "fnr": f"realised FNR ({averaged})",
+            "positive_patients": "positive patients",
             "false_negatives": "false negatives",
             "bound": "bound (alpha)",
         }
@@ -303,13 +414,13 @@ def conformal_section(realised: dict) -> Section:
     return Section(
         "Guaranteed decisions (conformal risk control)",
         text=f"Thresholds fitted with conformal risk control ({realised['method']}) on "
-        f"{realised['n_calibration']:,} validation images: for a new image from the same "
-        f"distribution, each pathology's expected false-negative rate is at most "
-        f"{realised['alpha']:g}. The bound is on the expected rate: the realised rate on these "
-        "images, beside it, varies by chance, most where positives are few. A threshold of 0 "
-        "(always positive) means too few validation positives for any other threshold.\n\n"
-        f"Referral {rule}: the expected share of images kept by the model with a missed finding "
-        f"is at most {referral['bound']:g}; here {referral['referred']:,} referred, realised "
-        + ("n/a." if rate is None else f"{rate:.3f}."),
+        f"{realised['n_calibration']:,} validation images "
+        + GUARANTEES[unit].format(alpha=realised["alpha"])
+        + ". The bound is on the expected rate: the realised rate on these images, beside it and "
+        "averaged alike, varies by chance, most where positive patients are few. A threshold of "
+        "0 (always positive) means too few validation positives for any other threshold.\n\n"
+        f"Referral {rule}: the expected {averaged} share of images kept by the model with a "
+        f"missed finding is at most {referral['bound']:g}; here {referral['referred']:,} "
+        "referred, realised " + ("n/a." if rate is None else f"{rate:.3f}."),
         table=table,
     )

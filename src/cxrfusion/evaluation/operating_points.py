@@ -5,6 +5,10 @@ from validation and are then applied, unchanged, to the evaluated split. Two rul
 (maximal sensitivity + specificity - 1) and the highest threshold that still reaches a target
 sensitivity (90 % by default, a screening-style operating point). A case is positive when its
 probability is at or above the threshold.
+
+Both rules search every distinct validation score with exact integer counts: an ROC curve thinned
+to its corners (`roc_curve`'s default) hides thresholds inside runs of positives, and J computed as
+`tpr - fpr` in floating point breaks exact ties by rounding noise.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from cxrfusion.evaluation.metrics import json_number
 from cxrfusion.labels import LABELS
@@ -20,10 +23,29 @@ from cxrfusion.labels import LABELS
 TARGET_SENSITIVITY = 0.9
 
 
+def _threshold_counts(
+    y_true: np.ndarray, y_prob: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every distinct score as a threshold, highest first, with the exact counts it gives.
+
+    Returns:
+        (thresholds, true positives, false positives): int64 counts of cases >= each threshold.
+    """
+    y = np.asarray(y_true).astype(bool)
+    p = np.asarray(y_prob, dtype=float)
+    thresholds = np.unique(p)[::-1]
+    tp = y.sum() - np.searchsorted(np.sort(p[y]), thresholds, side="left")
+    fp = (~y).sum() - np.searchsorted(np.sort(p[~y]), thresholds, side="left")
+    return thresholds, tp.astype(np.int64), fp.astype(np.int64)
+
+
 def choose_thresholds(
     y_true: np.ndarray, y_prob: np.ndarray, target_sensitivity: float = TARGET_SENSITIVITY
 ) -> dict[str, float]:
     """Youden's and the target-sensitivity threshold of one class.
+
+    Youden's J = tp/P - fp/N is compared as the integer tp*N - fp*P; among exact ties the
+    highest threshold wins (the fewest positive calls).
 
     Args:
         y_true: (N,) 0/1 validation truth.
@@ -36,11 +58,10 @@ def choose_thresholds(
     y = np.asarray(y_true).astype(bool)
     if y.all() or not y.any():
         return {"youden": np.nan, "sensitivity": np.nan}
-    fpr, tpr, thresholds = roc_curve(y, y_prob)
-    # roc_curve's first threshold is +inf (nothing positive): never an operating point.
-    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
-    youden = thresholds[int(np.argmax(tpr - fpr))]
-    reaching = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    thresholds, tp, fp = _threshold_counts(y, y_prob)
+    youden = thresholds[int(np.argmax(tp * n_neg - fp * n_pos))]  # argmax: first = highest
+    reaching = np.flatnonzero(tp / n_pos >= target_sensitivity - 1e-12)
     return {"youden": float(youden), "sensitivity": float(thresholds[reaching[0]])}
 
 

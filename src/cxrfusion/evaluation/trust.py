@@ -119,7 +119,10 @@ def trust_results(
     calibration = conformal.load_calibration(run_dir)
     if calibration is not None:
         y = rows[list(conformal.LABELS)].to_numpy()
-        metrics["conformal"] = conformal.realised_rates(y, probabilities, uncertainty, calibration)
+        groups = rows["Patient ID"].to_numpy()
+        metrics["conformal"] = conformal.realised_rates(
+            y, probabilities, uncertainty, groups, calibration
+        )
         sections.append(conformal.conformal_section(metrics["conformal"]))
     return metrics, sections
 
@@ -133,15 +136,19 @@ def calibrate_run(
     mc_mode: str = "head",
     batch_size: int = 64,
     seed: int = 0,
+    unit: str | None = None,
 ) -> tuple[conformal.Calibration, Path]:
     """`cxrfusion calibrate`: fit calibration.json on the run's validation split.
 
     The scores are the MC-dropout means and uncertainties that `evaluate`, the API and the service
-    compute with the same `mc_samples` and `mc_mode`.
+    compute with the same `mc_samples` and `mc_mode`. `unit` ("patient", "image", None: patient
+    when a validation patient has several images) is what the guarantee treats as exchangeable.
     """
     for name, value in (("--alpha", alpha), ("--referral-alpha", referral_alpha)):
         if not 0 < value < 1:  # checked before the long pass over the validation split
             raise CxrError(f"{name} must be in (0, 1), got {value}")
+    if unit is not None and unit not in conformal.UNITS:
+        raise CxrError(f"--unit {unit!r}: expected one of {', '.join(conformal.UNITS)}")
     import torch
     from scipy.special import expit
 
@@ -174,6 +181,7 @@ def calibrate_run(
         referral_alpha=referral_alpha,
         method=method,
         seed=seed,
+        unit=unit,
     )
     fitted = replace(fitted, mc_samples=mc_samples, mc_mode=mc_mode)
     path = conformal.save_calibration(fitted, run_dir)
