@@ -21,14 +21,14 @@ import logging
 import numpy as np
 from scipy.special import expit, ndtr
 
-from cxrfusion.evaluation.conformal import (
+from cxrfusion.labels import NUM_LABELS
+from cxrfusion.stats.conformal import (
     UNITS,
     Calibration,
     apply_calibration,
     fit_calibration,
     unit_mean,
 )
-from cxrfusion.labels import NUM_LABELS
 
 PREVALENCE = 0.2  # of each pathology, per patient
 # (calibration patients N, ICC of the logits, harder patients have more images); the thresholds see

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from cxrfusion.evaluation.mc_dropout import mc_dropout_samples
 from cxrfusion.models import create_model, list_models
+from cxrfusion.models.mc_dropout import mc_dropout_samples
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

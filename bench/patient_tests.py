@@ -14,8 +14,8 @@ import argparse
 
 import numpy as np
 
-from cxrfusion.evaluation.delong import clustered_delong_test, delong_covariance, delong_test
-from cxrfusion.evaluation.metrics import paired_bootstrap_auc_difference
+from cxrfusion.stats.delong import clustered_delong_test, delong_covariance, delong_test
+from cxrfusion.stats.metrics import paired_bootstrap_auc_difference
 
 
 def simulate(

@@ -17,10 +17,10 @@ from scipy.special import expit
 
 from cxrfusion import Classifier
 from cxrfusion.cli import main
-from cxrfusion.evaluation.conformal import apply_calibration, load_calibration, save_calibration
-from cxrfusion.evaluation.temperature import write_temperature
-from cxrfusion.evaluation.uncertainty import summarise_samples
 from cxrfusion.labels import LABELS
+from cxrfusion.stats.conformal import apply_calibration, load_calibration, save_calibration
+from cxrfusion.stats.temperature import write_temperature
+from cxrfusion.stats.uncertainty import summarise_samples
 
 MC_SAMPLES = 5
 N_IMAGES = 24

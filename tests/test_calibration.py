@@ -10,13 +10,14 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.calibration import (
+from cxrfusion.labels import NUM_LABELS
+from cxrfusion.stats.calibration import (
     brier_score,
     expected_calibration_error,
     nll,
     reliability_bins,
 )
-from cxrfusion.evaluation.temperature import (
+from cxrfusion.stats.temperature import (
     TEMPERATURE_BOUNDS,
     apply_temperature,
     fit_temperature,
@@ -24,7 +25,6 @@ from cxrfusion.evaluation.temperature import (
     read_temperature,
     write_temperature,
 )
-from cxrfusion.labels import NUM_LABELS
 
 
 def _calibrated(n: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +173,7 @@ def test_a_separable_class_stays_near_the_shared_temperature_instead_of_its_boun
         bounds=np.log(TEMPERATURE_BOUNDS), method="bounded",
     )  # fmt: skip
     assert np.exp(free.x) < TEMPERATURE_BOUNDS[0] * 1.01
-    with caplog.at_level(logging.WARNING, logger="cxrfusion.evaluation.temperature"):
+    with caplog.at_level(logging.WARNING, logger="cxrfusion.stats.temperature"):
         fit = fit_temperature(logits, y)
     assert fit.own[2] and fit.positives[2] == 25
     assert abs(np.log(fit.values[2] / fit.shared)) < 1.5  # a factor of 4.5 at most, not 20
@@ -235,7 +235,7 @@ def test_a_rare_over_confident_class_with_enough_positives_gets_its_own_temperat
 def test_a_temperature_on_its_bound_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     y = np.tile([[0], [1]], (50, 1)).astype(np.uint8)
     logits = np.where(y == 1, 1.0, -1.0)  # every class separable: nothing holds T back
-    with caplog.at_level(logging.WARNING, logger="cxrfusion.evaluation.temperature"):
+    with caplog.at_level(logging.WARNING, logger="cxrfusion.stats.temperature"):
         fit = fit_temperature(logits, y)
     assert fit.shared < TEMPERATURE_BOUNDS[0] * 1.01
     assert "sits on its bound" in caplog.text and "fitted on 50 positives" in caplog.text

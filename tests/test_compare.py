@@ -10,9 +10,9 @@ import pytest
 
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.compare import compare_runs, p_column, write_comparison
-from cxrfusion.evaluation.delong import clustered_delong_test, delong_test, holm
-from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
 from cxrfusion.labels import LABELS, NUM_LABELS
+from cxrfusion.stats.delong import clustered_delong_test, delong_test, holm
+from cxrfusion.stats.metrics import macro_auc, per_class_auc
 
 N_IMAGES = 600
 

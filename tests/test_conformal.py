@@ -13,7 +13,8 @@ from scipy.special import expit
 
 from cxrfusion.cli import main
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.conformal import (
+from cxrfusion.labels import LABELS, NUM_LABELS
+from cxrfusion.stats.conformal import (
     CALIBRATION_FILE,
     apply_calibration,
     crc_threshold,
@@ -25,7 +26,6 @@ from cxrfusion.evaluation.conformal import (
     save_calibration,
     unit_weights,
 )
-from cxrfusion.labels import LABELS, NUM_LABELS
 
 ALPHA = 0.1
 REFERRAL_ALPHA = 0.05
@@ -241,8 +241,8 @@ def test_phantom_false_negative_rate_over_random_splits_is_at_most_alpha(
     from cxrfusion.data.dataset import split_datasets
     from cxrfusion.data.split import read_split
     from cxrfusion.evaluation.predictions import predict_sample_logits
-    from cxrfusion.evaluation.uncertainty import summarise_samples
     from cxrfusion.inference.runs import load_run
+    from cxrfusion.stats.uncertainty import summarise_samples
 
     module, config = load_run(calibrated_run)
     datasets = split_datasets(

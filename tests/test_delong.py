@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from cxrfusion.evaluation.delong import (
+from cxrfusion.stats.delong import (
     clustered_delong_test,
     delong_covariance,
     delong_test,
     holm,
 )
-from cxrfusion.evaluation.metrics import paired_bootstrap_auc_difference, per_class_auc
+from cxrfusion.stats.metrics import paired_bootstrap_auc_difference, per_class_auc
 
 
 def _delong_by_definition(y: list[int], a: list[float], b: list[float]) -> tuple[float, ...]:

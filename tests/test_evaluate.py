@@ -17,8 +17,8 @@ from cxrfusion.data.nih import DEMOGRAPHIC_COLUMNS
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation import evaluate as pipeline
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
-from cxrfusion.evaluation.temperature import read_temperature, write_temperature
 from cxrfusion.labels import LABELS
+from cxrfusion.stats.temperature import read_temperature, write_temperature
 
 QUICK = dict(bootstrap=100, examples=1, mc_samples=5)
 

@@ -26,8 +26,6 @@ from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.imageio import read_resized
 from cxrfusion.data.transforms import normalize
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.mc_dropout import mc_dropout_samples
-from cxrfusion.evaluation.temperature import write_temperature
 from cxrfusion.inference import onnx_engine
 from cxrfusion.inference.export import export_model, export_run, parity_images
 from cxrfusion.inference.onnx_engine import OnnxEngine
@@ -35,6 +33,8 @@ from cxrfusion.inference.runs import load_run
 from cxrfusion.labels import LABELS
 from cxrfusion.models import create_model
 from cxrfusion.models.base import CxrModel
+from cxrfusion.models.mc_dropout import mc_dropout_samples
+from cxrfusion.stats.temperature import write_temperature
 from cxrfusion.training.config import TrainConfig
 
 SIZE = 64  # small input: export time, not resolution, is what these tests pay for

@@ -19,9 +19,9 @@ from scipy.special import expit, logit
 from cxrfusion import Classifier
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
-from cxrfusion.evaluation.temperature import write_temperature
 from cxrfusion.inference.classifier import Predictions
 from cxrfusion.labels import LABELS
+from cxrfusion.stats.temperature import write_temperature
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxrfusion.evaluation.metrics import (
+from cxrfusion.labels import LABELS, NUM_LABELS
+from cxrfusion.stats.metrics import (
     auc_summary,
     bootstrap_auc_ci,
     macro_auc,
@@ -17,9 +18,8 @@ from cxrfusion.evaluation.metrics import (
     per_class_average_precision,
     roc_curve_points,
 )
-from cxrfusion.evaluation.operating_points import choose_thresholds, operating_points
-from cxrfusion.evaluation.subgroups import age_band, subgroup_aucs
-from cxrfusion.labels import LABELS, NUM_LABELS
+from cxrfusion.stats.operating_points import choose_thresholds, operating_points
+from cxrfusion.stats.subgroups import age_band, subgroup_aucs
 
 
 def _scores(n: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

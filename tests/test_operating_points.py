@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from cxrfusion.evaluation.operating_points import TARGET_SENSITIVITY, choose_thresholds
+from cxrfusion.stats.operating_points import TARGET_SENSITIVITY, choose_thresholds
 
 SETS = 2000
 

@@ -14,9 +14,9 @@ from matplotlib.text import Text
 from PIL import Image
 
 from cxrfusion.evaluation import plots
-from cxrfusion.evaluation.calibration import reliability_bins
-from cxrfusion.evaluation.referral import referral_curve
 from cxrfusion.labels import LABELS, NUM_LABELS
+from cxrfusion.stats.calibration import reliability_bins
+from cxrfusion.stats.referral import referral_curve
 
 
 def _predictions(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +147,7 @@ import pandas as pd
 backend = dict.__getitem__(matplotlib.rcParams, "backend")
 import cxrfusion.data.figures, cxrfusion.evaluation.evaluate, cxrfusion.training.callbacks
 from cxrfusion.evaluation import plots
-from cxrfusion.evaluation.calibration import reliability_bins
+from cxrfusion.stats.calibration import reliability_bins
 from cxrfusion.training.curves import plot_loss_curves
 
 out = Path(sys.argv[1])

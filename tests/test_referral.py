@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
-from cxrfusion.evaluation.referral import referral_curve
+from cxrfusion.stats.metrics import macro_auc, per_class_auc
+from cxrfusion.stats.referral import referral_curve
 
 
 def _cases(n: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,7 +14,6 @@ import pytest
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from cxrfusion.evaluation.metrics import auc_summary
 from cxrfusion.evaluation.report import (
     Section,
     auc_table,
@@ -23,6 +22,7 @@ from cxrfusion.evaluation.report import (
 )
 from cxrfusion.labels import LABELS, NUM_LABELS
 from cxrfusion.plotting import new_figure, save_figure
+from cxrfusion.stats.metrics import auc_summary
 
 CHROMIUM = Path("/usr/bin/chromium")
 # A colour no default matplotlib artist uses: finding it in a screenshot proves a figure was drawn.

@@ -21,17 +21,17 @@ from cxrfusion.data.cache import open_cache
 from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.split import read_split, write_split
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.calibration import nll
 from cxrfusion.evaluation.evaluate import EvaluateOptions, evaluate
 from cxrfusion.evaluation.predictions import predict_sample_logits
-from cxrfusion.evaluation.temperature import (
+from cxrfusion.inference.runs import load_run
+from cxrfusion.labels import LABELS
+from cxrfusion.models import create_model, save_backbone_weights
+from cxrfusion.stats.calibration import nll
+from cxrfusion.stats.temperature import (
     TEMPERATURE_BOUNDS,
     apply_temperature,
     fit_temperature,
 )
-from cxrfusion.inference.runs import load_run
-from cxrfusion.labels import LABELS
-from cxrfusion.models import create_model, save_backbone_weights
 from cxrfusion.training.config import TrainConfig
 from cxrfusion.training.fit import _write_run_files, best_epoch, train
 from cxrfusion.training.losses import create_loss

@@ -10,9 +10,9 @@ import torch
 from scipy.special import xlogy
 from torch import nn
 
-from cxrfusion.evaluation.mc_dropout import mc_dropout_samples
-from cxrfusion.evaluation.uncertainty import flag, summarise_samples
 from cxrfusion.models import create_model, list_models
+from cxrfusion.models.mc_dropout import mc_dropout_samples
+from cxrfusion.stats.uncertainty import flag, summarise_samples
 
 CLASSES = 14
 

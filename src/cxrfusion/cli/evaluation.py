@@ -158,8 +158,8 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from cxrfusion.evaluation.conformal import UNITS
     from cxrfusion.evaluation.trust import calibrate_run
+    from cxrfusion.stats.conformal import UNITS
 
     fitted, path = calibrate_run(
         args.run,

@@ -19,11 +19,11 @@ import pandas as pd
 
 from cxrfusion.atomic import atomic_path, write_atomic
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.delong import clustered_delong_test, holm
 from cxrfusion.evaluation.expert_labels import expert_comparison
-from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
 from cxrfusion.evaluation.report import Section, render_html, render_markdown
 from cxrfusion.labels import LABELS
+from cxrfusion.stats.delong import clustered_delong_test, holm
+from cxrfusion.stats.metrics import macro_auc, per_class_auc
 from cxrfusion.tables import read_csv
 
 logger = logging.getLogger(__name__)

@@ -24,26 +24,26 @@ from cxrfusion.checks import check_bool, check_choice, check_number
 from cxrfusion.data.dataset import CachedXrayDataset, split_datasets
 from cxrfusion.data.split import read_split
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.calibration import calibration_summary
-from cxrfusion.evaluation.conformal import Calibration, load_calibration
 from cxrfusion.evaluation.figures import evaluation_figures, example_figures
-from cxrfusion.evaluation.metrics import auc_summary, json_number, per_class_average_precision
-from cxrfusion.evaluation.operating_points import operating_points
 from cxrfusion.evaluation.predictions import predict_sample_logits, predictions_table
-from cxrfusion.evaluation.referral import referral_curve
 from cxrfusion.evaluation.sections import write_evaluation_report
-from cxrfusion.evaluation.subgroups import subgroup_aucs
-from cxrfusion.evaluation.temperature import (
+from cxrfusion.evaluation.trust import load_sources, trust_results
+from cxrfusion.inference.runs import load_run, resolve_checkpoint
+from cxrfusion.labels import LABELS
+from cxrfusion.stats.calibration import calibration_summary
+from cxrfusion.stats.conformal import Calibration, load_calibration
+from cxrfusion.stats.metrics import auc_summary, json_number, per_class_average_precision
+from cxrfusion.stats.operating_points import operating_points
+from cxrfusion.stats.referral import referral_curve
+from cxrfusion.stats.subgroups import subgroup_aucs
+from cxrfusion.stats.temperature import (
     TemperatureFit,
     apply_temperature,
     fit_temperature,
     read_temperature,
     write_temperature,
 )
-from cxrfusion.evaluation.trust import load_sources, trust_results
-from cxrfusion.evaluation.uncertainty import summarise_samples
-from cxrfusion.inference.runs import load_run, resolve_checkpoint
-from cxrfusion.labels import LABELS
+from cxrfusion.stats.uncertainty import summarise_samples
 from cxrfusion.tables import to_csv
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.metrics import auc_summary
 from cxrfusion.evaluation.report import MISSING, Section
 from cxrfusion.labels import LABEL_INDEX
+from cxrfusion.stats.metrics import auc_summary
 from cxrfusion.tables import read_csv
 
 log = logging.getLogger(__name__)

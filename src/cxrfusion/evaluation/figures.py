@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from cxrfusion.evaluation import plots
-from cxrfusion.evaluation.calibration import reliability_bins
 from cxrfusion.labels import LABELS
+from cxrfusion.stats.calibration import reliability_bins
 
 
 def _examples(uncertainty: np.ndarray, count: int) -> np.ndarray:

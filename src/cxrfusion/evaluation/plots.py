@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfusion.evaluation.metrics import macro_auc, per_class_auc, roc_curve_points
 from cxrfusion.labels import LABELS
 from cxrfusion.plotting import new_figure, save_figure
+from cxrfusion.stats.metrics import macro_auc, per_class_auc, roc_curve_points
 
 BLUE, VERMILLION, GREY = "#0072B2", "#D55E00", "#7f7f7f"
 TICKS = (0.0, 0.5, 1.0)

@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from cxrfusion.data.dataset import CachedXrayDataset
 from cxrfusion.data.transforms import normalize
-from cxrfusion.evaluation.mc_dropout import mc_dropout_logits
-from cxrfusion.evaluation.uncertainty import flag
 from cxrfusion.labels import LABELS
 from cxrfusion.models import CxrModel
+from cxrfusion.models.mc_dropout import mc_dropout_logits
+from cxrfusion.stats.uncertainty import flag
 
 
 def model_input(model: CxrModel, images: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,9 @@ import pandas as pd
 
 from cxrfusion.data.prepare import find_beside_table
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation import conformal, expert_labels, localisation
+from cxrfusion.evaluation import expert_labels, localisation
 from cxrfusion.evaluation.report import Section
+from cxrfusion.stats import conformal
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def trust_results(
         metrics["conformal"] = conformal.realised_rates(
             y, probabilities, uncertainty, groups, calibration
         )
-        sections.append(conformal.conformal_section(metrics["conformal"]))
+        sections.append(conformal_section(metrics["conformal"]))
     return metrics, sections
 
 
@@ -155,8 +156,8 @@ def calibrate_run(
     from cxrfusion.data.dataset import split_datasets
     from cxrfusion.data.split import read_split
     from cxrfusion.evaluation.predictions import predict_sample_logits
-    from cxrfusion.evaluation.uncertainty import summarise_samples
     from cxrfusion.inference.runs import load_run, resolve_checkpoint
+    from cxrfusion.stats.uncertainty import summarise_samples
 
     checkpoint = resolve_checkpoint(run)
     run_dir = checkpoint.parent
@@ -187,3 +188,39 @@ def calibrate_run(
     path = conformal.save_calibration(fitted, run_dir)
     log.info("calibration of %s written to %s", run_dir, path)
     return fitted, path
+
+
+def conformal_section(realised: dict) -> Section:
+    """The report's section: each pathology's threshold, realised FNR and bound; the referral."""
+    table = pd.DataFrame.from_dict(realised["classes"], orient="index")
+    unit = realised["unit"]
+    averaged = conformal.UNITS[unit]
+    table = table.rename(
+        columns={
+            "fnr": f"realised FNR ({averaged})",
+            "positive_patients": "positive patients",
+            "false_negatives": "false negatives",
+            "bound": "bound (alpha)",
+        }
+    )
+    table.index.name = "pathology"
+    referral = realised["referral"]
+    rule = (
+        "refers nothing"
+        if referral["threshold"] is None
+        else f"refers images with uncertainty >= {referral['threshold']:.4g}"
+    )
+    rate = referral["retained_miss_rate"]
+    return Section(
+        "Guaranteed decisions (conformal risk control)",
+        text=f"Thresholds fitted with conformal risk control ({realised['method']}) on "
+        f"{realised['n_calibration']:,} validation images "
+        + conformal.GUARANTEES[unit].format(alpha=realised["alpha"])
+        + ". The bound is on the expected rate: the realised rate on these images, beside it and "
+        "averaged alike, varies by chance, most where positive patients are few. A threshold of "
+        "0 (always positive) means too few validation positives for any other threshold.\n\n"
+        f"Referral {rule}: the expected {averaged} share of images kept by the model with a "
+        f"missed finding is at most {referral['bound']:g}; here {referral['referred']:,} "
+        "referred, realised " + ("n/a." if rate is None else f"{rate:.3f}."),
+        table=table,
+    )

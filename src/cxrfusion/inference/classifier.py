@@ -27,10 +27,10 @@ from scipy.special import expit
 from cxrfusion.data.imageio import minmax_to_uint8, read_radiograph
 from cxrfusion.data.transforms import normalize, preprocess
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.conformal import Calibration, apply_calibration
-from cxrfusion.evaluation.temperature import apply_temperature
-from cxrfusion.evaluation.uncertainty import flag, summarise_samples
 from cxrfusion.inference.engines import ENGINE_LOADERS, Engine, ModelSpec
+from cxrfusion.stats.conformal import Calibration, apply_calibration
+from cxrfusion.stats.temperature import apply_temperature
+from cxrfusion.stats.uncertainty import flag, summarise_samples
 
 log = logging.getLogger(__name__)
 

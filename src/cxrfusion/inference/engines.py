@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from cxrfusion.data.transforms import Triple
-from cxrfusion.evaluation.conformal import Calibration
+from cxrfusion.stats.conformal import Calibration
 
 # engine name -> (module, loader function): imported only when that engine is asked for.
 ENGINE_LOADERS: dict[str, tuple[str, str]] = {

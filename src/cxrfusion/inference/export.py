@@ -264,9 +264,9 @@ def export_run(run: Path | str, out: Path | str | None = None, opset: int = OPSE
             looks).
         opset: ONNX opset version.
     """
-    from cxrfusion.evaluation.conformal import load_calibration
-    from cxrfusion.evaluation.temperature import read_temperature
     from cxrfusion.inference.runs import load_run, run_card, run_threshold
+    from cxrfusion.stats.conformal import load_calibration
+    from cxrfusion.stats.temperature import read_temperature
 
     run = Path(run)
     module, config = load_run(run)

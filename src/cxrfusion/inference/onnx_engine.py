@@ -22,8 +22,8 @@ import onnxruntime as ort
 
 from cxrfusion.data.transforms import check_model_input
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.conformal import calibration_from_dict
 from cxrfusion.inference.engines import ModelSpec
+from cxrfusion.stats.conformal import calibration_from_dict
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 from cxrfusion.data.transforms import check_model_input
-from cxrfusion.evaluation.conformal import load_calibration
-from cxrfusion.evaluation.mc_dropout import mc_dropout_logits
-from cxrfusion.evaluation.temperature import read_temperature
 from cxrfusion.inference.engines import ModelSpec
 from cxrfusion.inference.runs import load_run, run_card, run_threshold
 from cxrfusion.labels import LABELS
 from cxrfusion.models import CxrModel
+from cxrfusion.models.mc_dropout import mc_dropout_logits
+from cxrfusion.stats.conformal import load_calibration
+from cxrfusion.stats.temperature import read_temperature
 
 
 class TorchEngine:

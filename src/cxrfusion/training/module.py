@@ -8,9 +8,9 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from cxrfusion.data.transforms import normalize
-from cxrfusion.evaluation.metrics import macro_auc, per_class_auc
 from cxrfusion.labels import LABELS
 from cxrfusion.models import create_model
+from cxrfusion.stats.metrics import macro_auc, per_class_auc
 from cxrfusion.training.losses import create_loss
 
 MONITOR = "val_auc_macro"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrfusion.evaluation.metrics import json_number, macro_auc, per_class_auc
+from cxrfusion.stats.metrics import json_number, macro_auc, per_class_auc
 
 DEFAULT_FRACTIONS = np.linspace(0.0, 0.5, 11)
 

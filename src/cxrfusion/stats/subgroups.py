@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from cxrfusion.evaluation.metrics import json_number, macro_auc, per_class_auc
 from cxrfusion.labels import LABELS
+from cxrfusion.stats.metrics import json_number, macro_auc, per_class_auc
 
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 121, "80+"))
 # NIH's table holds a few impossible ages (over 400); ages above this are left unknown.

@@ -52,11 +52,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from cxrfusion.atomic import write_atomic
 from cxrfusion.errors import CxrError
-from cxrfusion.evaluation.report import Section
 from cxrfusion.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -388,39 +386,3 @@ def realised_rates(
             "retained_miss_rate": unit_mean(kept_missed, groups, unit),
         },
     }
-
-
-def conformal_section(realised: dict) -> Section:
-    """The report's section: each pathology's threshold, realised FNR and bound; the referral."""
-    table = pd.DataFrame.from_dict(realised["classes"], orient="index")
-    unit = realised["unit"]
-    averaged = UNITS[unit]
-    table = table.rename(
-        columns={
-            "fnr": f"realised FNR ({averaged})",
-            "positive_patients": "positive patients",
-            "false_negatives": "false negatives",
-            "bound": "bound (alpha)",
-        }
-    )
-    table.index.name = "pathology"
-    referral = realised["referral"]
-    rule = (
-        "refers nothing"
-        if referral["threshold"] is None
-        else f"refers images with uncertainty >= {referral['threshold']:.4g}"
-    )
-    rate = referral["retained_miss_rate"]
-    return Section(
-        "Guaranteed decisions (conformal risk control)",
-        text=f"Thresholds fitted with conformal risk control ({realised['method']}) on "
-        f"{realised['n_calibration']:,} validation images "
-        + GUARANTEES[unit].format(alpha=realised["alpha"])
-        + ". The bound is on the expected rate: the realised rate on these images, beside it and "
-        "averaged alike, varies by chance, most where positive patients are few. A threshold of "
-        "0 (always positive) means too few validation positives for any other threshold.\n\n"
-        f"Referral {rule}: the expected {averaged} share of images kept by the model with a "
-        f"missed finding is at most {referral['bound']:g}; here {referral['referred']:,} "
-        "referred, realised " + ("n/a." if rate is None else f"{rate:.3f}."),
-        table=table,
-    )

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cxrfusion.evaluation.metrics import json_number
 from cxrfusion.labels import LABELS
+from cxrfusion.stats.metrics import json_number
 
 TARGET_SENSITIVITY = 0.9
 
