@@ -6,6 +6,7 @@ import errno
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import tarfile
 import threading
@@ -345,3 +346,154 @@ def test_cli_fetches_the_real_metadata_with_its_published_checksums(server, tmp_
     assert error.startswith("cxrfusion download: error: ")
     assert error.endswith(f"test_list.txt has {size:,} bytes, expected 435,131")
     assert not (tmp_path / "nih" / "test_list.txt").exists()
+
+
+def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""):
+    """A tar member: `kind` is tarfile's REGTYPE, DIRTYPE, SYMTYPE, ...; `link` a link's target."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size, info.mode = kind, link, len(data), 0o755
+    return info, data
+
+
+def _tar_gz(members: list) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _symlink_chain(out: Path) -> tuple[list, str]:
+    """CPython's regression archive for CVE-2025-4517 (test_realpath_limit_attack), aimed two
+    levels above the extraction folder `OUT/.images_001.extracting`, i.e. beside OUT: expanding
+    the chain of symlinks exceeds PATH_MAX, so the `data` filter's realpath stops expanding and
+    takes `escape` for a folder inside. Through it, Python 3.11.7's extraction overwrote
+    `victim.txt` beside OUT (via a hard link) and created `planted` there."""
+    dest = out / ".images_001.extracting"
+    steps = "abcdefghijklmnop"
+    path_max = os.pathconf(out.parent, "PC_PATH_MAX")
+    component = "d" * ((path_max - len(str(dest)) - 1) // (len(steps) + 1))
+    members, path = [], ""
+    for step in steps:
+        members += [
+            _member(path + component, kind=tarfile.DIRTYPE),
+            _member(path + step, kind=tarfile.SYMTYPE, link=component),
+        ]
+        path += component + "/"
+    link = "/".join(steps) + "/" + "l" * 254
+    members += [
+        _member(link, kind=tarfile.SYMTYPE, link="/".join([".."] * len(steps))),
+        _member("escape", kind=tarfile.SYMTYPE, link=link + "/../.."),
+        _member("flaglink", kind=tarfile.LNKTYPE, link="escape/victim.txt"),
+        _member("flaglink", b"overwritten"),
+        _member("escape/planted", b"new"),
+    ]
+    return members, component
+
+
+def _bomb(out: Path) -> tuple[list, str]:
+    """Three members of 512 KiB of zeros (under 1 kB compressed each) against a 1 MiB cap."""
+    names = [f"images/{i:08d}_000.png" for i in range(3)]
+    return [_member(name, bytes(512 << 10)) for name in names], names[2]
+
+
+_UNSAFE = {
+    "CVE-2025-4517 symlink chain": _symlink_chain,
+    "../ in a name": lambda out: (
+        [_member("images/../../planted", b"new")],
+        "images/../../planted",
+    ),
+    "absolute name": lambda out: (
+        [_member(f"{out.parent}/planted", b"new")],
+        f"{out.parent}/planted",
+    ),
+    "symlink": lambda out: (
+        [
+            _member("images/up", kind=tarfile.SYMTYPE, link="../.."),
+            _member("images/up/planted", b"new"),
+        ],
+        "images/up",
+    ),
+    "hard link": lambda out: (
+        [
+            _member("images/x.png", kind=tarfile.LNKTYPE, link="../../victim.txt"),
+            _member("images/x.png", b"overwritten"),
+        ],
+        "images/x.png",
+    ),
+    "fifo": lambda out: ([_member("images/pipe", kind=tarfile.FIFOTYPE)], "images/pipe"),
+    "file outside images/": lambda out: ([_member("planted", b"new")], "planted"),
+    "gzip bomb": _bomb,
+}
+
+
+def _beside(out: Path) -> dict[str, bytes | str]:
+    """Everything in OUT's parent but OUT itself: each file's bytes, link's target, folder."""
+    found = {}
+    for root, folders, files in os.walk(out.parent):
+        if Path(root) == out.parent and out.name in folders:
+            folders.remove(out.name)
+        for name in folders + files:
+            path = Path(root, name)
+            key = str(path.relative_to(out.parent))
+            if path.is_symlink():
+                found[key] = "-> " + os.readlink(path)
+            else:
+                found[key] = path.read_bytes() if path.is_file() else "folder"
+    return found
+
+
+@pytest.mark.parametrize("case", list(_UNSAFE))
+def test_an_unsafe_archive_is_refused_in_one_line_and_nothing_is_written_outside_out(
+    case, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(download, "MAX_EXTRACT_BYTES", 1 << 20)
+    offline, out = tmp_path / "offline", tmp_path / "out"
+    offline.mkdir()
+    out.mkdir()
+    (tmp_path / "victim.txt").write_bytes(b"precious")
+    members, offending = _UNSAFE[case](out)
+    (offline / "images_001.tar.gz").write_bytes(_tar_gz(members))
+    before = _beside(out)
+
+    code = main(["download", "nih", "--from", str(offline), "--out", str(out), "--only", "1"])
+
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("cxrfusion download: error: ")
+    assert "images_001.tar.gz" in lines[0] and repr(offending) in lines[0]
+    assert _beside(out) == before
+    _nothing_looks_complete(out, 1)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "dangling symlink", "hard link"])
+def test_a_link_planted_at_the_part_name_is_refused_and_not_written_through(
+    served, tmp_path, planted
+):
+    server, remotes, _ = served
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    part = out / "images_001.tar.gz.part"
+    if planted != "dangling symlink":
+        victim.write_bytes(b"precious")
+    if planted == "hard link":
+        os.link(victim, part)
+    else:
+        part.symlink_to(victim)
+    with pytest.raises(CxrError, match=r"images_001\.tar\.gz\.part: unexpected symlink or file"):
+        _fetch(out, server, remotes[1:2])
+    expected = None if planted == "dangling symlink" else b"precious"
+    assert (victim.read_bytes() if victim.exists() else None) == expected
+
+
+def test_a_symlink_planted_at_the_old_copy_name_is_not_written_through(tmp_path):
+    offline, out, victim = tmp_path / "offline", tmp_path / "out", tmp_path / "victim.txt"
+    offline.mkdir()
+    out.mkdir()
+    (offline / "notes.txt").write_bytes(b"from the mirror")
+    victim.write_bytes(b"precious")
+    (out / ".notes.txt.copy").symlink_to(victim)
+    download_nih(out, from_dir=offline, remotes=[Remote("notes.txt", "unused")], progress=False)
+    assert victim.read_bytes() == b"precious"
+    assert not (out / "notes.txt").is_symlink()
+    assert (out / "notes.txt").read_bytes() == b"from the mirror"

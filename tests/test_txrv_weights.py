@@ -7,6 +7,9 @@ as TXRV gives from its own ([-1024, 1024], one channel). Skips where the [txrv] 
 
 from __future__ import annotations
 
+import copy
+import os
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +20,7 @@ import timm
 import timm.models._builder
 import torch
 import yaml
+from torch.nn.backends.thnn import _get_thnn_function_backend
 
 from cxrfusion.data.transforms import normalize
 from cxrfusion.errors import CxrError
@@ -154,6 +158,99 @@ def test_named_weight_set_without_internet_names_the_offline_alternatives(
     assert str(tmp_path / "nih-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt") in message
     assert "--weights torchxrayvision:/path/to/txrv.pth" in message
     assert not list(tmp_path.glob("*.pt")), "no file may look like downloaded weights"
+
+
+def _cache_file(xrv: ModuleType, tmp_path: Path, monkeypatch, name: str) -> Path:
+    """Where TXRV looks for weight set `name`, in a cache at `tmp_path`; nothing is downloaded."""
+
+    def no_download(url: str, filename: str) -> None:
+        raise AssertionError(f"unexpected download of {url}")
+
+    monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(xrv.utils, "download", no_download)
+    return tmp_path / Path(xrv.models.model_urls[name]["weights_url"]).name
+
+
+class _OldBackend:
+    """Pickles as torch <= 1.4 pickled every module's `_backend` attribute."""
+
+    def __reduce__(self) -> tuple:
+        return (_get_thnn_function_backend, ())
+
+
+@pytest.mark.filterwarnings("error::torch.serialization.SourceChangeWarning")
+@pytest.mark.parametrize("legacy", [True, False], ids=["torch<1.6 format", "zip format"])
+def test_a_published_pickled_densenet_gives_txrvs_own_features(
+    xrv, txrv_net, tmp_path, monkeypatch, legacy
+) -> None:
+    """TXRV publishes whole pickled models (from 2019-20: the legacy format, `_backend`s)."""
+    net, _ = txrv_net
+    published = copy.deepcopy(net)
+    for module in published.modules():
+        module._backend = _OldBackend()
+    path = _cache_file(xrv, tmp_path, monkeypatch, "densenet121-res224-nih")
+    torch.save(published, path, _use_new_zipfile_serialization=not legacy)
+    model = create_model("densenet121", weights="torchxrayvision:densenet121-res224-nih").eval()
+    images = _images(224)
+    with torch.no_grad():
+        ours = model.features(_ours(images))
+    _assert_same(ours, _theirs(xrv, net, images))
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it creates the folder `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (str(self.marker),))
+
+
+class _CallsTxrvsLoader:
+    """A pickle payload that needs no foreign code: TXRV's own DenseNet(weights=...), which
+    unpickles another cached file unrestricted."""
+
+    def __init__(self, xrv: ModuleType, name: str) -> None:
+        self.xrv, self.name = xrv, name
+
+    def __reduce__(self) -> tuple:
+        return (self.xrv.models.DenseNet, (32, (6, 12, 24, 16), 64, 4, 0, 18, 1, self.name))
+
+
+@pytest.mark.parametrize("payload", ["runs a function", "calls TXRV's loader"])
+def test_a_pickle_planted_in_txrvs_cache_is_refused_and_runs_nothing(
+    xrv, tmp_path, monkeypatch, payload
+) -> None:
+    marker = tmp_path / "ran"
+    net = xrv.models.DenseNet(weights=None)
+    net.payload = _RunsCode(marker)
+    if payload == "calls TXRV's loader":
+        torch.save(net, _cache_file(xrv, tmp_path, monkeypatch, "densenet121-res224-pc"))
+        net.payload = _CallsTxrvsLoader(xrv, "densenet121-res224-pc")
+    path = _cache_file(xrv, tmp_path, monkeypatch, "densenet121-res224-nih")
+    torch.save(net, path)
+    with pytest.raises(CxrError, match="delete it to download it again") as raised:
+        create_model("densenet121", weights="torchxrayvision:densenet121-res224-nih")
+    assert str(raised.value).startswith(f"{path}: not TorchXRayVision's")
+    assert "\n" not in str(raised.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", ["state dict", "garbage"])
+def test_anything_else_in_txrvs_cache_is_a_one_line_error(
+    xrv, tmp_path, monkeypatch, content
+) -> None:
+    path = _cache_file(xrv, tmp_path, monkeypatch, "densenet121-res224-nih")
+    if content == "state dict":
+        torch.save(xrv.models.DenseNet(weights=None).state_dict(), path)
+    else:
+        path.write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(
+        CxrError, match=f"^{re.escape(str(path))}: not TorchXRayVision's .*weights"
+    ) as raised:
+        create_model("densenet121", weights="torchxrayvision:densenet121-res224-nih")
+    assert "\n" not in str(raised.value)
 
 
 def test_every_txrv_weight_set_is_a_densenet121_of_txrvs_table(xrv) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,10 +11,16 @@ from pathlib import Path
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a new empty sibling of `path`; on success it replaces `path`, on error it is removed.
+
+    Its name is random and created exclusively (O_EXCL), so a symlink planted beside `path` in a
+    shared folder cannot redirect the write. Unlike `tempfile.mkstemp` (always 0600), it gets the
+    mode `open()` would give, from the umask: colleagues still read the reports.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         os.replace(tmp, path)

@@ -6,10 +6,13 @@ SHA-256 recorded in `NIH_FILES` where they are known, then renamed to `NAME`. An
 extracted into a hidden temporary folder that is renamed to `images_NNN/` only once every member
 is out, with a marker file inside: a folder without the marker was never finished. So an
 interruption at any moment leaves nothing that looks complete, and a re-run skips what is.
+Only folders and plain files under `images/` are extracted, `MAX_EXTRACT_BYTES` at most: an
+archive holding a link, a special file, another path or more bytes is refused whole.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import threading
 import time
@@ -31,6 +35,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from cxrfusion.atomic import atomic_path
 from cxrfusion.errors import CxrError
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,8 @@ ARCHIVE_COUNT = 12
 CHUNK = 1 << 20
 NOT_VERIFIED = "size/checksum not published: not verified"
 RETRY_WAIT_S = 1.0  # before retry k (0-based): RETRY_WAIT_S * 2**k seconds
+MAX_EXTRACT_BYTES = 8 << 30  # per archive: NIH's largest holds < 5 GB; stops a decompression bomb
+_NOT_OURS = "unexpected symlink or file at this temporary name: not written through; remove it"
 
 _BOX = "https://nihcc.box.com/shared/static/"
 _TXRV = "https://raw.githubusercontent.com/mlmed/torchxrayvision/8ef884614164d54e2660947241ab0276b29526e9/torchxrayvision/data/"
@@ -120,7 +127,8 @@ NIH_FILES: tuple[Remote, ...] = (
 
 
 class CorruptArchive(CxrError):
-    """An archive that is no valid .tar.gz or holds unsafe paths (never half-extracted)."""
+    """An archive that is no valid .tar.gz or holds a member other than a folder or plain file
+    under `images/` (never half-extracted)."""
 
 
 class _Stopped(Exception):
@@ -231,8 +239,31 @@ def summary(outcomes: Sequence[Outcome], out: Path) -> str:
 
 
 def _open_part(path: Path, mode: str) -> BinaryIO:
-    """Open a `.part` file; a seam for tests that simulate a full disk."""
-    return open(path, mode)  # noqa: SIM115 (the caller closes it)
+    """Open a `.part` file to append to ("ab") or as a new file ("wb"); a seam for tests that
+    simulate a full disk.
+
+    Its name is predictable (resuming needs it), so neither mode goes through a symlink planted
+    there in a shared folder, and a new file is created exclusively.
+    """
+    flags = os.O_WRONLY | os.O_NOFOLLOW | (os.O_APPEND if mode == "ab" else os.O_CREAT | os.O_EXCL)
+    try:
+        return os.fdopen(os.open(path, flags, 0o666), mode)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.EEXIST):
+            raise
+        raise CxrError(f"{path}: {_NOT_OURS}") from None
+
+
+def _part_size(part: Path) -> int:
+    """Bytes already in `part` (0 if there is none); a symlink, a hard link to another file or
+    anything but a plain file is refused."""
+    try:
+        info = part.lstat()
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        raise CxrError(f"{part}: {_NOT_OURS}")
+    return info.st_size
 
 
 def _sha256(path: Path) -> str:
@@ -342,9 +373,8 @@ class _Fetcher:
         if remote.is_archive:
             images = _extract(source, self.out / _folder(remote), check)
             return Outcome(remote.name, "from DIR", nbytes, check, images)
-        tmp = self.out / f".{source.name}.copy"
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, self.out / source.name)
+        with atomic_path(self.out / source.name) as tmp:
+            shutil.copyfile(source, tmp)
         return Outcome(source.name, "from DIR", nbytes, check)
 
     def _download(self, url: str, remote: Remote, target: Path) -> tuple[str, int | None]:
@@ -374,7 +404,7 @@ class _Fetcher:
 
     def _transfer(self, url: str, part: Path, remote: Remote) -> int | None:
         """One request: append to `part` from its current size; return the full size if known."""
-        have = part.stat().st_size if part.exists() else 0
+        have = _part_size(part)
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
             response = urllib.request.urlopen(request, timeout=60)
@@ -392,6 +422,7 @@ class _Fetcher:
                 if have:
                     log.info("%s: server ignores Range, restarting from zero", url)
                     self.bar.update(-have)
+                part.unlink(missing_ok=True)  # the new one is created exclusively
                 mode, have = "wb", 0
                 length = response.headers.get("Content-Length")
                 total = int(length) if length is not None else None
@@ -448,24 +479,65 @@ def _extract(archive: Path, folder: Path, check: str) -> int:
     """Extract into a temporary sibling of `folder`, write the marker, then rename into place."""
     tmp = folder.with_name(f".{folder.name}.extracting")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(tmp, filter="data")
-            # tarfile stops at the first unreadable header without an error; reading the gzip
-            # stream to its end checks every byte against the stream's CRC-32 and length.
-            while tar.fileobj.read(CHUNK):
-                pass
+        tmp.mkdir(parents=True)
+        _unpack(archive, tmp)
         images = _count_images(tmp)
         marker = {"archive": archive.name, "bytes": archive.stat().st_size, "check": check}
         (tmp / MARKER).write_text(json.dumps(marker | {"images": images}))
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished folder from an older tool
         os.replace(tmp, folder)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CorruptArchive(f"{archive}: corrupt or unsafe archive ({error})") from None
+        raise CorruptArchive(f"{archive}: corrupt archive ({error})") from None
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CxrError(f"{folder}: cannot extract {archive.name} ({error.strerror})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else half-extracted
     log.info("extracted %d images from %s", images, archive.name)
     return images
+
+
+def _unpack(archive: Path, into: Path) -> None:
+    """Write the folders and files of `archive` under `into`, refusing any other member.
+
+    Checked here, member by member as the stream comes, rather than by tarfile's `data` filter,
+    which a symlink chain escapes on Pythons without the fix for CVE-2025-4517: NIH archives hold
+    only `images/*.png`, so nothing else is ever written, and `MAX_EXTRACT_BYTES` stops a bomb.
+    """
+    total = 0
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            total += member.size
+            problem = _unsafe(member) or (
+                total > MAX_EXTRACT_BYTES and f"more than {MAX_EXTRACT_BYTES:,} bytes in all"
+            )
+            if problem:
+                raise CorruptArchive(
+                    f"{archive}: refused member {member.name!r} ({problem}); NIH archives hold "
+                    "only folders and plain files under images/"
+                )
+            target = into / member.name
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as source, open(target, "xb") as sink:
+                shutil.copyfileobj(source, sink, CHUNK)
+        # tarfile stops at the first unreadable header without an error; reading the gzip
+        # stream to its end checks every byte against the stream's CRC-32 and length.
+        while tar.fileobj.read(CHUNK):
+            pass
+
+
+def _unsafe(member: tarfile.TarInfo) -> str | None:
+    """Why `member` may not be extracted: anything but a folder or plain file under `images/`."""
+    if member.issym() or member.islnk():
+        return "a link"
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
+        return "a device, fifo or other special file"
+    parts = member.name.split("/")
+    if parts[0] != "images" or {"", ".", ".."} & set(parts):
+        return "outside images/"
+    if len(parts) == 1 and not member.isdir():
+        return "a file named images"
+    return None

@@ -2,7 +2,9 @@
 
 `--weights torchxrayvision:densenet121-res224-all` (or another of `WEIGHT_SETS`) loads the weights
 TorchXRayVision (TXRV, Cohen et al. 2022) trained on chest radiographs; `torchxrayvision:FILE`
-reads a TXRV DenseNet state dict from a local file instead (machines without internet).
+reads a TXRV DenseNet state dict from a local file instead (machines without internet). Neither
+runs code from the file: TXRV's published files (pickled models) are read by a restricted
+unpickler, never by TXRV's own loader, and a state dict with `weights_only=True`.
 
 Input mapping. TXRV's DenseNet reads ONE channel t = (2 u / 255 - 1) * 1024 for a uint8 pixel u
 (`xrv.utils.normalize(img, 255)`, range [-1024, 1024]) at 224 px; its `features2` is
@@ -20,11 +22,15 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import BinaryIO
 
 import torch
+from torch.nn.backends.thnn import _get_thnn_function_backend
+from torch.serialization import SourceChangeWarning
 
 from cxrfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cxrfusion.errors import CxrError
@@ -81,7 +87,7 @@ def load_txrv(weights: str) -> tuple[dict[str, torch.Tensor], str]:
     """(timm densenet121 state dict, source description) for `torchxrayvision:NAME|FILE`."""
     name = str(weights)[len(PREFIX) :]
     if name in WEIGHT_SETS:
-        return to_timm(_download(name), f"{PREFIX}{name}"), _published(name)
+        return to_timm(_read_published(name), f"{PREFIX}{name}"), _published(name)
     path = Path(name).expanduser()
     if not path.is_file():
         raise CxrError(
@@ -139,22 +145,111 @@ def _offline_help(name: str) -> str:
     )
 
 
-def _download(name: str) -> dict[str, torch.Tensor]:
-    """TXRV's own loader: it downloads into its cache once and unpickles its published model."""
-    xrv = _xrv(name)
+def _download(name: str) -> Path:
+    """The published file of a weight set, which TXRV downloads into its cache once."""
     try:
-        return xrv.models.DenseNet(weights=name).state_dict()
+        return Path(_xrv(name).models.get_weights(name))
     except OSError as exc:  # requests' errors are OSErrors: no network, DNS, HTTP status
-        cause = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        cause = _first_line(exc)[:120]
         raise CxrError(
             f"--weights {PREFIX}{name}: cannot download TorchXRayVision's weights ({cause}); "
             + _offline_help(name)
         ) from exc
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+
+
+def _read_published(name: str) -> Mapping[str, torch.Tensor]:
+    """The state dict of a published file (a whole pickled DenseNet), read running none of its code.
+
+    TXRV's own loader unpickles it with `weights_only=False`, so a file planted in its cache ran
+    code. `weights_only=True` cannot rebuild a pickled model (in the pre-1.6 format these 2020
+    files likely use, not even with allowlisted classes), and TXRV publishes no checksums to pin.
+    So `_Unpickler` resolves only the names such a file holds, every module class as `_Inert`.
+    """
+    path = _download(name)
+    try:
+        with warnings.catch_warnings():
+            # the legacy format records each module's source, which never matches `_Inert`'s
+            warnings.simplefilter("ignore", SourceChangeWarning)
+            model = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_Pickle)
+        if not isinstance(model, _Inert):
+            raise TypeError(f"holds a {type(model).__name__}, not a pickled DenseNet")
+        return model.state_dict()
+    except _UNREADABLE as exc:
         raise CxrError(
-            f"{_cache_file(name)}: unreadable TorchXRayVision weights ({type(exc).__name__}); "
+            f"{path}: not TorchXRayVision's {name} weights ({_first_line(exc)}); "
             "delete it to download it again"
-        ) from exc
+        ) from None
+
+
+class _Inert(torch.nn.Module):
+    """Stands in for every module class of a published file: holds its tensors and runs none of
+    its code (TXRV's `DenseNet(weights=...)`, called by a crafted pickle, would load another file
+    unrestricted)."""
+
+
+# The globals a published DenseNet file names (module classes as torch <= 1.4 recorded them),
+# none of which runs code from the file; each module class becomes `_Inert`.
+_MODULE_CLASSES = frozenset(
+    {
+        "torchxrayvision.models.DenseNet",
+        "torchxrayvision.models._DenseBlock",
+        "torchxrayvision.models._DenseLayer",
+        "torchxrayvision.models._Transition",
+        "torch.nn.modules.activation.ReLU",
+        "torch.nn.modules.batchnorm.BatchNorm2d",
+        "torch.nn.modules.container.Sequential",
+        "torch.nn.modules.conv.Conv2d",
+        "torch.nn.modules.linear.Linear",
+        "torch.nn.modules.pooling.AvgPool2d",
+        "torch.nn.modules.pooling.MaxPool2d",
+    }
+)
+_GLOBALS: dict[str, object] = {
+    "collections.OrderedDict": OrderedDict,
+    "builtins.set": set,
+    "__builtin__.set": set,  # protocol 2, as torch.save writes it
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    # every module's `_backend` under torch < 1.5; returns None
+    "torch.nn.backends.thnn._get_thnn_function_backend": _get_thnn_function_backend,
+}
+# what unpickling a damaged or hostile file raises
+_UNREADABLE = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+)
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves `_GLOBALS` and `_MODULE_CLASSES` only: Python's restricted-globals unpickler."""
+
+    def find_class(self, module: str, name: str) -> object:
+        path = f"{module}.{name}"
+        if path in _MODULE_CLASSES:
+            return _Inert
+        if path in _GLOBALS:
+            return _GLOBALS[path]
+        raise pickle.UnpicklingError(f"refers to {path}, which TorchXRayVision's weights never do")
+
+
+class _Pickle:
+    """The `pickle_module` torch.load unpickles with (its header too): `_Unpickler` only."""
+
+    Unpickler = _Unpickler
+
+    @staticmethod
+    def load(file: BinaryIO, **kwargs: object) -> object:
+        return _Unpickler(file, **kwargs).load()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
