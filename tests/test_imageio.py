@@ -5,24 +5,22 @@ from __future__ import annotations
 import logging
 import struct
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from dicoms import compress, write_dicom
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
-)
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from cxrfusion.data.imageio import (
     IMAGE_SUFFIXES,
+    MAX_DICOM_BYTES,
     MAX_PIXELS,
     check_image,
     read_image,
@@ -35,6 +33,7 @@ from cxrfusion.errors import CxrError
 FULLRES_IMAGES = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "nih14-fullres" / "images"
 )
+PARTIAL_RANGE_IMAGE = FULLRES_IMAGES / "00001873_000.png"  # grey levels 11..229, not 0..255
 
 
 # ---------------------------------------------------------------------------- corpus builders
@@ -63,33 +62,6 @@ def _write_png_header_only(path: Path, width: int, height: int) -> Path:
     signature = b"\x89PNG\r\n\x1a\n"
     chunks = _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
     path.write_bytes(signature + chunks)
-    return path
-
-
-def _write_dicom(
-    path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **elements: object
-) -> Path:
-    """A single-frame 12-bit-in-16 DICOM file with explicit VR little endian encoding."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "DX"
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = photometric
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = 12
-    dataset.HighBit = 11
-    dataset.PixelRepresentation = 0
-    dataset.PixelData = pixels.astype("<u2").tobytes()
-    for keyword, value in elements.items():
-        setattr(dataset, keyword, value)
-    dataset.save_as(path, enforce_file_format=True)
     return path
 
 
@@ -204,7 +176,7 @@ def test_image_suffixes_list_the_accepted_formats() -> None:
 
 def test_read_dicom_applies_rescale_then_window(tmp_path: Path) -> None:
     raw = _ramp_12bit()
-    image = read_image(_write_dicom(tmp_path / "windowed.dcm", raw, **_WINDOWED))
+    image = read_image(write_dicom(tmp_path / "windowed.dcm", raw, **_WINDOWED))
 
     # DICOM PS3.3 C.11.2.1.2 linear window on the rescaled values, spread over 0..255.
     values = raw.astype(float) * 2 - 1000
@@ -215,34 +187,99 @@ def test_read_dicom_applies_rescale_then_window(tmp_path: Path) -> None:
     assert np.abs(image.astype(int) - expected).max() <= 1
 
 
-def test_read_dicom_without_window_stretches_the_rescaled_range(tmp_path: Path) -> None:
+def test_read_dicom_applies_a_sigmoid_window(tmp_path: Path) -> None:
     raw = _ramp_12bit()
-    image = read_image(
-        _write_dicom(tmp_path / "plain.dcm", raw, RescaleSlope=1, RescaleIntercept=0)
-    )
+    elements = {"WindowCenter": 2000, "WindowWidth": 1000, "VOILUTFunction": "SIGMOID"}
+    image = read_image(write_dicom(tmp_path / "sigmoid.dcm", raw, **elements))
+    # DICOM PS3.3 C.11.2.1.3.1, spread over 0..255.
+    expected = 255 / (1 + np.exp(-4 * (raw.astype(float) - 2000) / 1000))
+    assert np.abs(image - expected).max() <= 0.5 + 1e-3
+
+
+def test_read_dicom_maps_the_output_range_of_its_voi_lut_onto_8_bits(tmp_path: Path) -> None:
+    raw = _ramp_12bit()
+    lut = (np.sqrt(np.linspace(0, 1, 4096)) * 3000 + 500).astype(np.uint16)  # 500..3500
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.add_new("LUTData", "OW", lut.astype("<u2").tobytes())
+    # The LUT wins over a window in the same header, as in pydicom and most viewers.
+    elements = {"VOILUTSequence": Sequence([item]), "WindowCenter": 10, "WindowWidth": 20}
+    image = read_image(write_dicom(tmp_path / "lut.dcm", raw, **elements))
+    expected = (lut[raw].astype(float) - 500) / 3000 * 255
+    assert np.abs(image - expected).max() <= 0.5 + 1e-3
+
+
+def test_read_dicom_of_more_than_8_bits_without_window_stretches_its_own_range(
+    tmp_path: Path,
+) -> None:
+    raw = _ramp_12bit() + 50  # 50..4082: neither the 12-bit range nor starting at 0
+    image = read_image(write_dicom(tmp_path / "plain.dcm", raw, RescaleSlope=1, RescaleIntercept=0))
     assert image[0, 0] == 0
     assert image[0, -1] == 255
     assert np.all(np.diff(image[0].astype(int)) > 0)
 
 
+def test_an_8bit_dicom_is_taken_as_stored_like_an_8bit_png(tmp_path: Path) -> None:
+    pixels = (_gradient() % 200 + 20).astype(np.uint8)  # 20..219: a stretch would change it
+    png = read_image(_write_png(tmp_path / "same.png", pixels))
+    np.testing.assert_array_equal(read_image(write_dicom(tmp_path / "m2.dcm", pixels)), png)
+    mono1 = write_dicom(tmp_path / "m1.dcm", 255 - pixels, "MONOCHROME1")
+    np.testing.assert_array_equal(read_image(mono1), png)
+
+
+def test_an_8bit_dicom_is_taken_as_rescaled_while_that_stays_within_0_to_255(
+    tmp_path: Path,
+) -> None:
+    pixels = (_gradient() % 200 + 20).astype(np.uint8)
+    shifted = write_dicom(tmp_path / "s.dcm", pixels, RescaleSlope=1, RescaleIntercept=-20)
+    np.testing.assert_array_equal(read_image(shifted), pixels - 20)
+    # Rescaled to 40..438 there is no 8-bit value to keep: the range is stretched.
+    doubled = write_dicom(tmp_path / "d.dcm", pixels, RescaleSlope=2, RescaleIntercept=0)
+    image = read_image(doubled)
+    assert image.min() == 0 and image.max() == 255
+    np.testing.assert_array_equal(
+        np.argsort(image, axis=None, kind="stable"), np.argsort(pixels, axis=None, kind="stable")
+    )
+
+
+@pytest.mark.parametrize(
+    ("elements", "match"),
+    [
+        ({"WindowCenter": 100, "WindowWidth": 1}, "WindowWidth 1 leaves no grey levels"),
+        ({"WindowCenter": 100, "WindowWidth": 9, "VOILUTFunction": "GAMMA"}, "'GAMMA'"),
+    ],
+)
+def test_dicom_grey_levels_that_cannot_be_computed_are_one_line_errors(
+    tmp_path: Path, elements: dict, match: str
+) -> None:
+    _assert_one_line_error(write_dicom(tmp_path / "odd.dcm", _ramp_12bit(), **elements), match)
+
+
 def test_read_dicom_inverts_monochrome1(tmp_path: Path) -> None:
     raw = _ramp_12bit()
-    mono2 = read_image(_write_dicom(tmp_path / "m2.dcm", raw, "MONOCHROME2", **_WINDOWED))
-    mono1 = read_image(_write_dicom(tmp_path / "m1.dcm", raw, "MONOCHROME1", **_WINDOWED))
+    mono2 = read_image(write_dicom(tmp_path / "m2.dcm", raw, "MONOCHROME2", **_WINDOWED))
+    mono1 = read_image(write_dicom(tmp_path / "m1.dcm", raw, "MONOCHROME1", **_WINDOWED))
     np.testing.assert_array_equal(mono1, 255 - mono2)
 
 
 def test_read_image_recognises_dicom_by_its_preamble_whatever_the_suffix(tmp_path: Path) -> None:
     raw = _ramp_12bit()
-    dicom = _write_dicom(tmp_path / "real.dcm", raw)
+    dicom = write_dicom(tmp_path / "real.dcm", raw)
     renamed = tmp_path / "exported.png"
     renamed.write_bytes(dicom.read_bytes())
     np.testing.assert_array_equal(read_image(renamed), read_image(dicom))
 
 
+def test_a_rescale_slope_that_is_not_a_number_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "odd.dcm", _ramp_12bit(), RescaleSlope=7)
+    # pydicom refuses to write a bad number, so the bytes are edited as a faulty writer leaves them.
+    path.write_bytes(path.read_bytes().replace(b"S\x10DS\x04\x007.0 ", b"S\x10DS\x04\x00high"))
+    _assert_one_line_error(path, r"RescaleSlope is not a number \('high'\)")
+
+
 def test_read_dicom_refuses_multi_frame(tmp_path: Path) -> None:
     frames = np.concatenate([_ramp_12bit(), _ramp_12bit()])
-    path = _write_dicom(tmp_path / "cine.dcm", frames, NumberOfFrames=2)
+    path = write_dicom(tmp_path / "cine.dcm", frames, NumberOfFrames=2)
     # Rows must describe one frame for the file to be consistent.
     dataset = pydicom.dcmread(path)
     dataset.Rows = 64
@@ -252,7 +289,7 @@ def test_read_dicom_refuses_multi_frame(tmp_path: Path) -> None:
 
 def test_read_dicom_refuses_colour(tmp_path: Path) -> None:
     interleaved = np.zeros((32, 32 * 3), dtype=np.uint16)
-    path = _write_dicom(tmp_path / "rgb.dcm", interleaved, "RGB", Columns=32, SamplesPerPixel=3)
+    path = write_dicom(tmp_path / "rgb.dcm", interleaved, "RGB", Columns=32, SamplesPerPixel=3)
     _assert_one_line_error(path, "colour DICOM")
 
 
@@ -263,7 +300,7 @@ def test_read_dicom_refuses_garbage_with_a_dicom_suffix(tmp_path: Path) -> None:
 
 
 def test_read_dicom_refuses_truncated_pixel_data(tmp_path: Path) -> None:
-    path = _write_dicom(tmp_path / "cut.dcm", _ramp_12bit())
+    path = write_dicom(tmp_path / "cut.dcm", _ramp_12bit())
     path.write_bytes(path.read_bytes()[:-100])
     _assert_one_line_error(path, "truncated")
 
@@ -271,7 +308,7 @@ def test_read_dicom_refuses_truncated_pixel_data(tmp_path: Path) -> None:
 def test_read_dicom_checks_the_header_size_before_reading_pixels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _write_dicom(tmp_path / "bomb.dcm", np.zeros((16, 16), dtype=np.uint16))
+    path = write_dicom(tmp_path / "bomb.dcm", np.zeros((16, 16), dtype=np.uint16))
     dataset = pydicom.dcmread(path)
     dataset.Rows = dataset.Columns = 65535
     dataset.save_as(path)
@@ -281,6 +318,61 @@ def test_read_dicom_checks_the_header_size_before_reading_pixels(
 
     monkeypatch.setattr(Dataset, "pixel_array", property(refuse))
     _assert_one_line_error(path, "too large: 65535x65535")
+
+
+def test_read_dicom_caps_the_decoded_bytes_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 6000x6000 is within the pixel limit but 72 MB at 16 bits; 16 frames of 2048x2048, 134 MB.
+    tiny = np.zeros((16, 16), dtype=np.uint16)
+    deep = write_dicom(tmp_path / "deep.dcm", tiny, Rows=6000, Columns=6000)
+    cine = write_dicom(tmp_path / "cine.dcm", tiny, Rows=2048, Columns=2048, NumberOfFrames=16)
+
+    def refuse(_: Dataset) -> np.ndarray:
+        raise AssertionError("pixel data decoded despite an oversized header")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(refuse))
+    for path in (deep, cine):
+        message = _assert_one_line_error(path, "too large")
+        assert f"limit of {MAX_DICOM_BYTES:,}" in message
+        with pytest.raises(CxrError, match="too large"):
+            check_image(path)
+    # The same header at 8 bits decodes to 36 MB: within the limit.
+    check_image(write_dicom(tmp_path / "flat.dcm", tiny.astype(np.uint8), Rows=6000, Columns=6000))
+
+
+def test_dicom_grey_level_steps_make_no_float64_copies(tmp_path: Path) -> None:
+    side = 1024
+    raw = np.random.default_rng(5).integers(0, 4096, size=(side, side), dtype=np.uint16)
+    path = write_dicom(tmp_path / "windowed.dcm", raw, **_WINDOWED)
+    read_image(path)  # imports and plugin look-ups outside the measurement
+    tracemalloc.start()
+    try:
+        read_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The file's 2 bytes per pixel, pydicom's uint16 array, one float32 copy and the uint8 result
+    # make 9; each float64 copy would add 8 (pydicom's own rescale and window took 25).
+    assert peak < 12 * side * side
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "SEG", "SR", "PT", "NM", "US", "MG"])
+def test_dicoms_of_other_modalities_are_refused_from_the_header(
+    tmp_path: Path, modality: str
+) -> None:
+    path = write_dicom(tmp_path / "other.dcm", _ramp_12bit(), Modality=modality)
+    _assert_one_line_error(path, f"Modality {modality} is not a radiograph")
+    with pytest.raises(CxrError, match="not a radiograph"):
+        check_image(path)
+
+
+def test_radiograph_modalities_and_a_missing_modality_are_read(tmp_path: Path) -> None:
+    raw = _ramp_12bit()
+    expected = read_image(write_dicom(tmp_path / "dx.dcm", raw))
+    for modality in ["CR", "DX", "DR", "RG", "OT", None]:
+        path = write_dicom(tmp_path / f"{modality}.dcm", raw, Modality=modality)
+        np.testing.assert_array_equal(read_image(path), expected)
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -385,7 +477,7 @@ def test_read_resized_equals_read_image_then_resize_square(tmp_path: Path) -> No
     paths = [
         _write_png(tmp_path / "gray.png", _gradient()),
         _write_png(tmp_path / "rgba.png", rgba),
-        _write_dicom(tmp_path / "study.dcm", _ramp_12bit(), "MONOCHROME1", **_WINDOWED),
+        write_dicom(tmp_path / "study.dcm", _ramp_12bit(), "MONOCHROME1", **_WINDOWED),
     ]
     for path in paths:
         resized = read_resized(path, 16)
@@ -411,10 +503,27 @@ def test_real_nih_png_decodes_to_1024_square_and_resizes_identically() -> None:
     np.testing.assert_array_equal(first, resize_square(image, 256))
 
 
+def test_real_8bit_dicoms_decode_exactly_like_the_png(tmp_path: Path) -> None:
+    if not PARTIAL_RANGE_IMAGE.is_file():
+        pytest.skip(f"real NIH full-resolution image not found at {PARTIAL_RANGE_IMAGE}")
+    png = read_image(PARTIAL_RANGE_IMAGE)
+    assert png.min() > 0 and png.max() < 255  # a min..max stretch would change every pixel
+    mono2 = write_dicom(tmp_path / "mono2.dcm", png)
+    dicoms = [
+        mono2,
+        write_dicom(tmp_path / "mono1.dcm", 255 - png, "MONOCHROME1"),
+        compress(mono2, tmp_path / "rle.dcm", RLELossless),
+        compress(mono2, tmp_path / "j2k.dcm", JPEG2000Lossless),
+    ]
+    assert pydicom.dcmread(dicoms[3]).file_meta.TransferSyntaxUID == JPEG2000Lossless
+    for path in dicoms:
+        np.testing.assert_array_equal(read_image(path), png, err_msg=path.name)
+
+
 def test_check_image_finds_header_problems_without_decoding(tmp_path: Path) -> None:
     good = _write_png(tmp_path / "good.png", _gradient())
     check_image(good)
-    check_image(_write_dicom(tmp_path / "good.dcm", _ramp_12bit()))
+    check_image(write_dicom(tmp_path / "good.dcm", _ramp_12bit()))
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
     _write_png(tmp_path / "tiny.png", np.zeros((1, 1), dtype=np.uint8))
@@ -436,7 +545,7 @@ def test_check_image_finds_header_problems_without_decoding(tmp_path: Path) -> N
 
 def test_bytes_decode_exactly_like_the_file(tmp_path: Path) -> None:
     png = _write_png(tmp_path / "g.png", _gradient())
-    dicom = _write_dicom(tmp_path / "r.dcm", _ramp_12bit(), "MONOCHROME1")
+    dicom = write_dicom(tmp_path / "r.dcm", _ramp_12bit(), "MONOCHROME1")
     for path in (png, dicom):
         from_bytes = read_radiograph(path.read_bytes(), name="upload")
         np.testing.assert_array_equal(from_bytes.pixels, read_image(path))
@@ -455,11 +564,8 @@ def test_bad_uploads_are_errors_naming_the_upload(data: bytes) -> None:
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=lambda s: s.name)
 def test_compressed_dicom_decodes_to_the_uncompressed_pixels(tmp_path: Path, syntax) -> None:
     raw = (_gradient(64, 64).astype(np.uint16) * 16) + np.arange(64, dtype=np.uint16) % 16
-    plain = _write_dicom(tmp_path / "plain.dcm", raw)
-    dataset = pydicom.dcmread(plain)
-    dataset.compress(syntax)
-    compressed = tmp_path / "compressed.dcm"
-    dataset.save_as(compressed, enforce_file_format=True)
+    plain = write_dicom(tmp_path / "plain.dcm", raw)
+    compressed = compress(plain, tmp_path / "compressed.dcm", syntax)
     assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID == syntax
     np.testing.assert_array_equal(read_image(compressed), read_image(plain))
 
@@ -478,14 +584,14 @@ def test_compressed_dicom_decodes_to_the_uncompressed_pixels(tmp_path: Path, syn
 def test_dicom_headers_that_are_not_frontal_chest_views_carry_a_warning(
     tmp_path: Path, elements: dict, expected: str
 ) -> None:
-    path = _write_dicom(tmp_path / "v.dcm", _ramp_12bit(), **elements)
+    path = write_dicom(tmp_path / "v.dcm", _ramp_12bit(), **elements)
     decoded = read_radiograph(path)
     assert (expected in decoded.warning) and (bool(decoded.warning) == bool(expected))
     np.testing.assert_array_equal(decoded.pixels, read_image(path))
 
 
 def test_dicom_without_a_required_pixel_element_is_a_user_error(tmp_path: Path) -> None:
-    path = _write_dicom(tmp_path / "nobits.dcm", _ramp_12bit())
+    path = write_dicom(tmp_path / "nobits.dcm", _ramp_12bit())
     dataset = pydicom.dcmread(path)
     del dataset.BitsStored
     dataset.save_as(path)
@@ -495,11 +601,11 @@ def test_dicom_without_a_required_pixel_element_is_a_user_error(tmp_path: Path) 
 def test_a_code_bug_while_decoding_dicom_is_not_reported_as_a_bad_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _write_dicom(tmp_path / "ok.dcm", _ramp_12bit())
+    path = write_dicom(tmp_path / "ok.dcm", _ramp_12bit())
 
     def bug(*_: object) -> None:
         raise AttributeError("'NoneType' object has no attribute 'shape'")
 
-    monkeypatch.setattr("cxrfusion.data.imageio.apply_modality_lut", bug)
+    monkeypatch.setattr("cxrfusion.data.imageio._modality_values", bug)
     with pytest.raises(AttributeError):
         read_image(path)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
+from dicoms import compress, write_dicom
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless, RLELossless
 from realdata import prepare_real, split_images, train_tiny
 
 from cxrfusion import Classifier
@@ -32,6 +38,52 @@ def folder(run, nih_sample, tmp_path) -> Path:
     (tmp_path / "in" / "sub" / "broken.png").write_bytes(images[0].read_bytes()[:300])
     (tmp_path / "in" / "notes.txt").write_text("not an image, not looked at")
     return tmp_path / "in"
+
+
+@pytest.fixture
+def assorted(nih_sample, tmp_path) -> tuple[Path, dict[str, str]]:
+    """A real radiograph as PNG and as 8-bit DICOMs (plain, MONOCHROME1, RLE, JPEG 2000), among
+    DICOM files met in the wild that are not radiographs it can read; those, with a word each
+    one's error must contain."""
+    folder = tmp_path / "assorted"
+    folder.mkdir()
+    png = shutil.copy(nih_sample / "images" / "00000013_019.png", folder / "radiograph.png")
+    pixels = np.asarray(Image.open(png))  # grey levels 3..180: a stretch would change them
+    mono2 = write_dicom(folder / "mono2.dcm", pixels)
+    write_dicom(folder / "mono1.dcm", 255 - pixels, "MONOCHROME1")
+    compress(mono2, folder / "rle.dcm", RLELossless)
+    j2k = compress(mono2, folder / "j2k.dcm", JPEG2000Lossless)
+    rgb = np.stack([pixels] * 3, axis=-1)
+    write_dicom(folder / "colour.dcm", rgb, "RGB", SamplesPerPixel=3, PlanarConfiguration=0)
+    both = np.concatenate([pixels, pixels])
+    write_dicom(folder / "cine.dcm", both, NumberOfFrames=2, Rows=pixels.shape[0])
+    write_dicom(folder / "ct.dcm", pixels, Modality="CT")
+    for name, modality in (("report.dcm", "SR"), ("empty.dcm", "DX")):
+        dataset = pydicom.dcmread(write_dicom(folder / name, pixels, Modality=modality))
+        del dataset.PixelData
+        dataset.save_as(folder / name)
+    data = mono2.read_bytes()
+    (folder / "cut.dcm").write_bytes(data[: len(data) // 2])
+    # No JPEG 2000 codestream where one should start: every pydicom decoder fails and logs it.
+    data = j2k.read_bytes()
+    start = data.index(b"\xff\x4f\xff\x51")
+    (folder / "undecodable.dcm").write_bytes(data[:start] + bytes(16) + data[start + 16 :])
+    bad = {
+        "colour.dcm": "colour",
+        "cine.dcm": "multi-frame",
+        "ct.dcm": "Modality CT is not a radiograph",
+        "report.dcm": "Modality SR is not a radiograph",
+        "empty.dcm": "no PixelData",
+        "cut.dcm": "truncated",
+        "undecodable.dcm": "corrupt",
+    }
+    return folder, bad
+
+
+def _console_script() -> list[str]:
+    """The installed `cxrfusion` next to this Python, else the module (same `main`)."""
+    script = Path(sys.executable).with_name("cxrfusion")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cxrfusion.cli"]
 
 
 def _stderr_lines(capsys) -> list[str]:
@@ -109,3 +161,38 @@ def test_gradcam_writes_one_overlay_per_image(run, folder, tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     overlays = list((out / "gradcam").glob("*.png"))
     assert len(overlays) == 1 and overlays[0].stat().st_size > 1000
+
+
+def test_assorted_dicoms_predict_the_radiographs_and_skip_each_other_file_on_one_line(
+    run, assorted, tmp_path
+):
+    folder, bad = assorted
+    out = tmp_path / "out"
+    args = ["predict", "--run", str(run), str(folder), "--out", str(out), "--mc-samples", "3"]
+    result = subprocess.run(
+        [*_console_script(), *args], capture_output=True, text=True, timeout=300
+    )
+
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.returncode == 2, result.stderr
+    *skipped, summary = result.stderr.splitlines()
+    good = ["j2k.dcm", "mono1.dcm", "mono2.dcm", "radiograph.png", "rle.dcm"]
+    failed = f"{len(bad)} of {len(bad) + len(good)} input(s) could not be predicted"
+    assert summary == f"cxrfusion predict: error: {failed}"
+    assert len(skipped) == len(bad), result.stderr
+    for name, words in bad.items():
+        naming = [line for line in skipped if f"{name}: " in line]
+        assert len(naming) == 1 and words in naming[0], (name, result.stderr)
+    predicted = pd.read_csv(out / "predictions.csv")["source"]
+    assert sorted(Path(s).name for s in predicted) == good
+
+
+def test_a_real_radiograph_as_png_and_as_8bit_dicoms_gets_the_same_probabilities(run, assorted):
+    folder, _ = assorted
+    classifier = Classifier.load(run, device="cpu")
+    seen = classifier.prepare(folder / "radiograph.png").image
+    png = classifier.predict(folder / "radiograph.png").probability
+    for name in ("mono2.dcm", "mono1.dcm", "rle.dcm", "j2k.dcm"):
+        np.testing.assert_array_equal(classifier.prepare(folder / name).image, seen, name)
+        difference = np.abs(classifier.predict(folder / name).probability - png).max()
+        assert difference <= 1e-4, (name, difference)

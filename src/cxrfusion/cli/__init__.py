@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).propagate = False  # each has its own handler
+    # pydicom logs every decoder that fails on a bad file with a traceback; the file's one-line
+    # error says what matters, and -v shows the rest.
+    logging.getLogger("pydicom").propagate = args.verbose
     try:
         if hasattr(args, "check"):
             args.check(args)

@@ -1,11 +1,12 @@
 """Decode user-facing image files (PNG, JPEG, DICOM) into 8-bit grayscale arrays.
 
 Every input the toolkit accepts passes through `read_image` (files) or `read_radiograph` (files or
-uploaded bytes), so this is where untrusted files are met: sizes are checked from the header before
-any pixel is decoded (decompression bombs), and every problem with the file becomes one `CxrError`
-line naming the file. Conversions to 8-bit grayscale are deliberate and documented per input kind
-in `read_image`. Compressed DICOM (JPEG Lossless, JPEG-LS, JPEG 2000, RLE) decodes through
-pydicom's pixel-data plugins (pylibjpeg with its libjpeg and openjpeg backends; RLE natively).
+uploaded bytes), so this is where untrusted files are met: sizes (and a DICOM's modality) are
+checked from the header before any pixel is decoded (decompression bombs), and every problem with
+the file becomes one `CxrError` line naming the file. Conversions to 8-bit grayscale are deliberate
+and documented per input kind in `read_image`. Compressed DICOM (JPEG Lossless, JPEG-LS, JPEG 2000,
+RLE) decodes through pydicom's pixel-data plugins (pylibjpeg with its libjpeg and openjpeg
+backends; RLE natively).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageFile, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi
 
 from cxrfusion.errors import CxrError
 
@@ -37,6 +39,16 @@ DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 MAX_PIXELS = 60_000_000
 # Below this side length a file is an icon or a placeholder, not a radiograph.
 MIN_SIDE = 16
+# Decoded DICOM pixel data (rows x columns x frames x samples x bytes per sample) above this is
+# refused from the header: 64 MiB holds a 16-bit 32 MP radiograph (the largest detectors, 43x43 cm
+# at 100 um, give 18 MP) and an 8-bit image of MAX_PIXELS. Decoding peaks near 9 bytes per 16-bit
+# pixel (file, decoded array, one float32 copy, result): about 300 MB at the limit.
+MAX_DICOM_BYTES = 64 * 2**20
+# Modalities of a radiograph: CR and DX (computed and digital radiography), DR (not a DICOM term,
+# but some detectors write it), RG (digitised film) and OT (secondary captures and exports, like a
+# file with no Modality). Anything else (CT, MR, US, NM, PT, MG, XA, SEG, SR...) is refused: a
+# chest radiograph model's numbers on it mean nothing.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
 
 _PIL_FORMATS = ("PNG", "JPEG")
 _HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
@@ -90,21 +102,27 @@ def read_image(path: Path | str) -> np.ndarray:
     - RGB, RGBA, LA, P (palette), 1 (bilevel), CMYK: converted with Pillow's ITU-R 601-2 luma;
       alpha is dropped, not composited (exported radiographs carry an opaque or meaningless alpha
       channel, and compositing would darken pixels where it is not 255). Logged at debug level.
-    - DICOM (suffix .dcm/.dicom or the "DICM" marker after the 128-byte preamble): modality LUT
-      (rescale slope/intercept), then VOI LUT or window center/width when present, then the same
-      min..max stretch as 16-bit PNGs, then MONOCHROME1 is inverted so that bone is bright.
-      Multi-frame and colour DICOMs are refused.
+    - DICOM (suffix .dcm/.dicom or the "DICM" marker after the 128-byte preamble): the modality
+      LUT (or rescale slope/intercept), then the first of these that applies:
+      a VOI LUT maps its own output range to 0..255; a window (center/width, VOI LUT function
+      LINEAR, LINEAR_EXACT or SIGMOID, DICOM PS3.3 C.11.2) maps onto 0..255; BitsStored 8 with
+      values within 0..255 is taken as stored, exactly like an 8-bit PNG; any other depth gets
+      the same min..max stretch as a 16-bit PNG. MONOCHROME1 is then inverted (255 - value) so
+      that bone is bright. All steps run in float32 on one working copy. Multi-frame and colour
+      DICOMs, and modalities other than `RADIOGRAPH_MODALITIES` (or none), are refused.
 
     Args:
         path: the image file. Its header is checked before decoding: images over `MAX_PIXELS`
-            pixels or with a side under `MIN_SIDE` pixels are refused.
+            pixels (DICOM: over `MAX_DICOM_BYTES` decoded bytes) or with a side under `MIN_SIDE`
+            pixels are refused.
 
     Returns:
         A writable C-contiguous uint8 array of shape (height, width).
 
     Raises:
         CxrError: the file is missing, empty, not a PNG/JPEG/DICOM image, truncated, corrupt,
-            too large or too small. The message is one line starting with the path.
+            too large or too small, or a DICOM of another modality. The message is one line
+            starting with the path.
     """
     return read_radiograph(path).pixels
 
@@ -306,15 +324,79 @@ def _read_dicom(source: Source, path: Path | str) -> tuple[np.ndarray, str]:
     except _DICOM_ERRORS as exc:
         raise CxrError(f"{path}: not a readable DICOM file ({_one_line(exc)})") from exc
     try:
-        pixels = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset)
+        stored = dataset.pixel_array
+        if stored.ndim != 2:
+            raise CxrError(
+                f"{path}: DICOM pixel data has shape {stored.shape}, expected one 2-D frame"
+            )
+        gray = _dicom_to_uint8(path, dataset, stored)
     except _DICOM_ERRORS as exc:
         raise CxrError(
             f"{path}: truncated, corrupt or unsupported DICOM pixel data ({_one_line(exc)})"
         ) from exc
-    if pixels.ndim != 2:
-        raise CxrError(f"{path}: DICOM pixel data has shape {pixels.shape}, expected one 2-D frame")
-    gray = minmax_to_uint8(pixels)
     return (255 - gray if photometric == "MONOCHROME1" else gray), _view_warning(dataset)
+
+
+def _dicom_to_uint8(path: Path | str, dataset: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    """Stored pixels to 8-bit display values, before any MONOCHROME1 inversion (`read_image`)."""
+    values = _modality_values(path, dataset, stored)
+    sequence = dataset.get("VOILUTSequence")
+    if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
+        return _voi_lut_to_uint8(dataset, values)
+    center = _float_element(path, dataset, "WindowCenter", None)
+    width = _float_element(path, dataset, "WindowWidth", None)
+    if center is not None and width is not None:
+        function = str(dataset.get("VOILUTFunction") or "LINEAR").strip().upper()
+        return _window_to_uint8(path, values, center, width, function)
+    low, high = float(values.min()), float(values.max())
+    if _int_element(path, dataset, "BitsStored", 0) == 8 and low >= 0 and high <= 255:
+        low, high = 0.0, 255.0  # as stored: an 8-bit DICOM decodes like an 8-bit PNG
+    return _range_to_uint8(values, low, high)
+
+
+def _modality_values(path: Path | str, dataset: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    """The modality LUT or rescale slope/intercept applied: a new float32 array."""
+    if dataset.get("ModalityLUTSequence"):
+        return apply_modality_lut(stored, dataset).astype(np.float32)
+    values = stored.astype(np.float32)
+    slope = _float_element(path, dataset, "RescaleSlope", 1.0)
+    intercept = _float_element(path, dataset, "RescaleIntercept", 0.0)
+    if slope != 1.0:
+        values *= slope
+    if intercept != 0.0:
+        values += intercept
+    return values
+
+
+def _voi_lut_to_uint8(dataset: pydicom.Dataset, values: np.ndarray) -> np.ndarray:
+    """The first VOI LUT applied, its own output range mapped to 0..255; `values` is overwritten."""
+    entries, first = dataset.VOILUTSequence[0].LUTDescriptor[:2]
+    entries = entries or 2**16
+    # The table itself, as pydicom reads it (VR, byte order, bits): look up each of its inputs.
+    table = apply_voi(np.arange(first, first + entries), dataset).astype(np.float32)
+    table = _range_to_uint8(table, float(table.min()), float(table.max()))
+    np.rint(values, out=values)
+    values -= first
+    np.clip(values, 0, entries - 1, out=values)
+    return table[values.astype(np.uint16)]
+
+
+def _window_to_uint8(
+    path: Path | str, values: np.ndarray, center: float, width: float, function: str
+) -> np.ndarray:
+    """A window (DICOM PS3.3 C.11.2.1.2-3) mapped onto 0..255; `values` is overwritten."""
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        raise CxrError(f"{path}: unsupported DICOM VOILUTFunction {function!r}")
+    if width <= (1.0 if function == "LINEAR" else 0.0):
+        raise CxrError(f"{path}: DICOM WindowWidth {width:g} leaves no grey levels ({function})")
+    if function == "SIGMOID":  # 255 / (1 + exp(-4 (x - c) / w)), written so as not to overflow
+        values -= center
+        values *= 2.0 / width
+        np.tanh(values, out=values)
+        return _range_to_uint8(values, -1.0, 1.0)
+    if function == "LINEAR":  # its ends are c - 0.5 -+ (w - 1) / 2
+        center, width = center - 0.5, width - 1.0
+    return _range_to_uint8(values, center - width / 2, center + width / 2)
 
 
 def _view_warning(dataset: pydicom.Dataset) -> str:
@@ -340,8 +422,29 @@ def _int_element(path: Path | str, dataset: pydicom.Dataset, keyword: str, defau
         raise CxrError(f"{path}: DICOM {keyword} is not an integer ({value!r})") from exc
 
 
+def _float_element(
+    path: Path | str, dataset: pydicom.Dataset, keyword: str, default: float | None
+) -> float | None:
+    """A number from the header (the first of several), or a CxrError naming a bad value."""
+    value = dataset.get(keyword)
+    if isinstance(value, MultiValue):
+        value = value[0] if value else None
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise CxrError(f"{path}: DICOM {keyword} is not a number ({value!r})") from exc
+
+
 def _check_dicom_header(path: Path | str, dataset: pydicom.Dataset) -> str:
     """Validate what decoding needs; return the photometric interpretation."""
+    modality = str(dataset.get("Modality", "") or "").strip().upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        raise CxrError(
+            f"{path}: DICOM Modality {modality} is not a radiograph "
+            f"(accepted: {', '.join(sorted(RADIOGRAPH_MODALITIES))})"
+        )
     if "PixelData" not in dataset:
         raise CxrError(f"{path}: DICOM file holds no image (no PixelData element; truncated?)")
     missing = [keyword for keyword in _DICOM_REQUIRED if dataset.get(keyword) is None]
@@ -350,9 +453,17 @@ def _check_dicom_header(path: Path | str, dataset: pydicom.Dataset) -> str:
     rows, columns = (_int_element(path, dataset, k, 0) for k in ("Rows", "Columns"))
     _check_size(path, columns, rows)
     samples = _int_element(path, dataset, "SamplesPerPixel", 1)
+    frames = _int_element(path, dataset, "NumberOfFrames", 1)
+    bits = _int_element(path, dataset, "BitsAllocated", 0)
+    decoded = rows * columns * frames * samples * ((bits + 7) // 8)
+    if decoded > MAX_DICOM_BYTES:
+        raise CxrError(
+            f"{path}: image too large: {columns}x{rows} pixels x {frames} frame(s) x {samples} "
+            f"sample(s) at {bits} bits decode to {decoded:,} bytes, over the limit of "
+            f"{MAX_DICOM_BYTES:,}"
+        )
     if samples != 1:
         raise CxrError(f"{path}: colour DICOM ({samples} samples per pixel) is not supported")
-    frames = _int_element(path, dataset, "NumberOfFrames", 1)
     if frames > 1:
         raise CxrError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
     photometric = str(dataset.get("PhotometricInterpretation", ""))
@@ -366,14 +477,21 @@ def _check_dicom_header(path: Path | str, dataset: pydicom.Dataset) -> str:
 
 def minmax_to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Stretch pixels linearly from their own min..max to 0..255; a constant image gives 0."""
-    low, high = float(pixels.min()), float(pixels.max())
-    if high == low:
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    # float32 in place: exact for 16-bit values, and half the memory of float64 on 60 MP inputs.
-    scaled = pixels.astype(np.float32)
-    scaled -= low
-    scaled *= 255.0 / (high - low)
-    return np.rint(scaled, out=scaled).astype(np.uint8)
+    return _range_to_uint8(pixels.astype(np.float32), float(pixels.min()), float(pixels.max()))
+
+
+def _range_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map float32 `values` linearly from low..high onto 0..255, clipped and rounded.
+
+    `values` is overwritten: float32 in place is exact for 16-bit values and makes no copy of
+    what may be a 60 MP image. An empty range (a constant image) gives 0.
+    """
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    values -= low
+    values *= 255.0 / (high - low)
+    np.clip(values, 0.0, 255.0, out=values)
+    return np.rint(values, out=values).astype(np.uint8)
 
 
 def _one_line(exc: BaseException) -> str:
