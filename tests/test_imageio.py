@@ -18,16 +18,16 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
+from cxrfusion.data.dicom_image import MAX_DICOM_BYTES
 from cxrfusion.data.imageio import (
     IMAGE_SUFFIXES,
-    MAX_DICOM_BYTES,
-    MAX_PIXELS,
     check_image,
     read_image,
     read_radiograph,
     read_resized,
     resize_square,
 )
+from cxrfusion.data.pixels import MAX_PIXELS
 from cxrfusion.errors import CxrError
 
 FULLRES_IMAGES = (
@@ -606,6 +606,6 @@ def test_a_code_bug_while_decoding_dicom_is_not_reported_as_a_bad_file(
     def bug(*_: object) -> None:
         raise AttributeError("'NoneType' object has no attribute 'shape'")
 
-    monkeypatch.setattr("cxrfusion.data.imageio._modality_values", bug)
+    monkeypatch.setattr("cxrfusion.data.dicom_image._modality_values", bug)
     with pytest.raises(AttributeError):
         read_image(path)

@@ -24,7 +24,8 @@ import pandas as pd
 from PIL import Image
 from scipy.special import expit
 
-from cxrfusion.data.imageio import minmax_to_uint8, read_radiograph
+from cxrfusion.data.imageio import read_radiograph
+from cxrfusion.data.pixels import minmax_to_uint8
 from cxrfusion.data.transforms import normalize, preprocess
 from cxrfusion.errors import CxrError
 from cxrfusion.inference.engines import ENGINE_LOADERS, Engine, ModelSpec
