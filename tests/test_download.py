@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 
 from cxrfusion.cli import main
-from cxrfusion.data import download
-from cxrfusion.data.download import MARKER, NIH_FILES, CorruptArchive, Remote, download_nih
+from cxrfusion.data import archive, download
+from cxrfusion.data.archive import MARKER, CorruptArchive
+from cxrfusion.data.download import NIH_FILES, Remote, download_nih
 from cxrfusion.data.nih import find_images
 from cxrfusion.errors import CxrError
 
@@ -447,7 +448,7 @@ def _beside(out: Path) -> dict[str, bytes | str]:
 def test_an_unsafe_archive_is_refused_in_one_line_and_nothing_is_written_outside_out(
     case, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(download, "MAX_EXTRACT_BYTES", 1 << 20)
+    monkeypatch.setattr(archive, "MAX_EXTRACT_BYTES", 1 << 20)
     offline, out = tmp_path / "offline", tmp_path / "out"
     offline.mkdir()
     out.mkdir()

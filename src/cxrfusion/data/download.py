@@ -13,7 +13,6 @@ archive holding a link, a special file, another path or more bytes is refused wh
 from __future__ import annotations
 
 import errno
-import gzip
 import hashlib
 import http.client
 import json
@@ -21,12 +20,10 @@ import logging
 import os
 import shutil
 import stat
-import tarfile
 import threading
 import time
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -36,17 +33,16 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from cxrfusion.atomic import atomic_path
+from cxrfusion.data.archive import MARKER, CorruptArchive, extract_archive
 from cxrfusion.errors import CxrError
 
 log = logging.getLogger(__name__)
 
 BASE_URL_ENV = "CXRFUSION_NIH_BASE_URL"
-MARKER = ".cxrfusion-complete"
 ARCHIVE_COUNT = 12
 CHUNK = 1 << 20
 NOT_VERIFIED = "size/checksum not published: not verified"
 RETRY_WAIT_S = 1.0  # before retry k (0-based): RETRY_WAIT_S * 2**k seconds
-MAX_EXTRACT_BYTES = 8 << 30  # per archive: NIH's largest holds < 5 GB; stops a decompression bomb
 _NOT_OURS = "unexpected symlink or file at this temporary name: not written through; remove it"
 
 _BOX = "https://nihcc.box.com/shared/static/"
@@ -124,11 +120,6 @@ NIH_FILES: tuple[Remote, ...] = (
         for i, box_id in enumerate(_BOX_IDS, start=1)
     ),
 )
-
-
-class CorruptArchive(CxrError):
-    """An archive that is no valid .tar.gz or holds a member other than a folder or plain file
-    under `images/` (never half-extracted)."""
 
 
 class _Stopped(Exception):
@@ -300,10 +291,6 @@ def _folder(remote: Remote) -> str:
     return remote.name.removesuffix(".tar.gz")
 
 
-def _count_images(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*.png"))
-
-
 @dataclass
 class _Fetcher:
     """Fetches one file at a time (called from worker threads; shares only the bar)."""
@@ -341,7 +328,7 @@ class _Fetcher:
         if not remote.is_archive:
             return Outcome(remote.name, status, nbytes, check)
         try:
-            images = _extract(target, self.out / _folder(remote), check)
+            images = extract_archive(target, self.out / _folder(remote), check)
         except CorruptArchive:
             target.unlink()  # no checksum caught it: the next run fetches it anew
             raise
@@ -371,7 +358,7 @@ class _Fetcher:
         nbytes = source.stat().st_size
         self.bar.update(nbytes)
         if remote.is_archive:
-            images = _extract(source, self.out / _folder(remote), check)
+            images = extract_archive(source, self.out / _folder(remote), check)
             return Outcome(remote.name, "from DIR", nbytes, check, images)
         with atomic_path(self.out / source.name) as tmp:
             shutil.copyfile(source, tmp)
@@ -472,72 +459,4 @@ def _find_local(folder: Path, remote: Remote) -> Path | None:
     for name in names:
         if (folder / name).is_file():
             return folder / name
-    return None
-
-
-def _extract(archive: Path, folder: Path, check: str) -> int:
-    """Extract into a temporary sibling of `folder`, write the marker, then rename into place."""
-    tmp = folder.with_name(f".{folder.name}.extracting")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        _unpack(archive, tmp)
-        images = _count_images(tmp)
-        marker = {"archive": archive.name, "bytes": archive.stat().st_size, "check": check}
-        (tmp / MARKER).write_text(json.dumps(marker | {"images": images}))
-        shutil.rmtree(folder, ignore_errors=True)  # an unfinished folder from an older tool
-        os.replace(tmp, folder)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise CorruptArchive(f"{archive}: corrupt archive ({error})") from None
-    except OSError as error:
-        raise CxrError(f"{folder}: cannot extract {archive.name} ({error.strerror})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else half-extracted
-    log.info("extracted %d images from %s", images, archive.name)
-    return images
-
-
-def _unpack(archive: Path, into: Path) -> None:
-    """Write the folders and files of `archive` under `into`, refusing any other member.
-
-    Checked here, member by member as the stream comes, rather than by tarfile's `data` filter,
-    which a symlink chain escapes on Pythons without the fix for CVE-2025-4517: NIH archives hold
-    only `images/*.png`, so nothing else is ever written, and `MAX_EXTRACT_BYTES` stops a bomb.
-    """
-    total = 0
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            total += member.size
-            problem = _unsafe(member) or (
-                total > MAX_EXTRACT_BYTES and f"more than {MAX_EXTRACT_BYTES:,} bytes in all"
-            )
-            if problem:
-                raise CorruptArchive(
-                    f"{archive}: refused member {member.name!r} ({problem}); NIH archives hold "
-                    "only folders and plain files under images/"
-                )
-            target = into / member.name
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(member) as source, open(target, "xb") as sink:
-                shutil.copyfileobj(source, sink, CHUNK)
-        # tarfile stops at the first unreadable header without an error; reading the gzip
-        # stream to its end checks every byte against the stream's CRC-32 and length.
-        while tar.fileobj.read(CHUNK):
-            pass
-
-
-def _unsafe(member: tarfile.TarInfo) -> str | None:
-    """Why `member` may not be extracted: anything but a folder or plain file under `images/`."""
-    if member.issym() or member.islnk():
-        return "a link"
-    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
-        return "a device, fifo or other special file"
-    parts = member.name.split("/")
-    if parts[0] != "images" or {"", ".", ".."} & set(parts):
-        return "outside images/"
-    if len(parts) == 1 and not member.isdir():
-        return "a file named images"
     return None
