@@ -95,7 +95,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/mc_dropout.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/patient_tests.py
+	$(BIN)/python bench/conformal.py
+	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/serve_abuse.py
 
 clean:
 	rm -rf $(VENV) .venv-* runs .pytest_cache

@@ -45,3 +45,49 @@ def compress(source: Path, path: Path, syntax: UID) -> Path:
     dataset.compress(syntax)
     dataset.save_as(path, enforce_file_format=True)
     return path
+
+
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def chest_dx(
+    pixels: np.ndarray, patient: str = "PAT001", study_uid: str | None = None, **elements: object
+) -> pydicom.Dataset:
+    """A DX For Presentation radiograph as a modality sends it: patient and study attributes,
+    ImagerPixelSpacing, a PA chest view; `elements` add or override (e.g. ViewPosition="LL")."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = elements.pop("SOPClassUID", DX_PRESENTATION)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = f"Test^{patient}", patient
+    ds.PatientBirthDate, ds.PatientSex = "19600101", "F"
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20240102", "101500", "1"
+    ds.AccessionNumber, ds.ReferringPhysicianName = f"ACC{patient}", ""
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", "PA", "CHEST"
+    ds.PresentationIntentType, ds.ImagerPixelSpacing = "FOR PRESENTATION", [0.143, 0.143]
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def dicom_bytes(dataset: pydicom.Dataset) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -17,7 +17,7 @@ FLOORS = [
     {"models", "explain"},
     {"training"},
     {"inference"},
-    {"evaluation"},
+    {"evaluation", "dicom"},
     {"serving", "reproduce"},
     {"cli"},
 ]

@@ -16,6 +16,7 @@ from typing import NoReturn
 from cxrfusion.cli.data import add_download, add_prepare, add_synth
 from cxrfusion.cli.evaluation import add_calibrate, add_compare, add_evaluate
 from cxrfusion.cli.inference import add_export, add_predict, add_serve
+from cxrfusion.cli.pacs import add_pacs
 from cxrfusion.cli.training import add_models, add_reproduce, add_train
 from cxrfusion.errors import CxrError
 
@@ -31,6 +32,7 @@ typical use:
   cxrfusion reproduce --data NIH_DIR --dry-run              # the report's whole protocol (GPU)
   cxrfusion predict --run runs/fusion scans/ --out preds    # probabilities, uncertainty, review flag
   cxrfusion serve --run runs/fusion                         # HTTP API + web page on 127.0.0.1:8000
+  cxrfusion pacs poll --run runs/fusion --dicomweb URL --once   # SR + capture back to a PACS
 Run `cxrfusion COMMAND --help` for the options of each command."""
 
 
@@ -58,6 +60,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_predict,
     add_serve,
     add_export,
+    add_pacs,
 )
 
 

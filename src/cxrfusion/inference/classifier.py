@@ -352,6 +352,12 @@ class Classifier:
             predictions.append(prediction)
         return predictions
 
+    def explain(self, prediction: Prediction) -> dict[str, np.ndarray]:
+        """Grad-CAM heatmaps of the 3 most probable findings of a prediction made without them."""
+        if not self.supports_gradcam:
+            raise CxrError("Grad-CAM needs the torch engine (--engine torch)")
+        return self._heatmaps(self.model_input(prediction.image[None]), prediction.probability)
+
     @property
     def supports_gradcam(self) -> bool:
         """Whether the engine can give Grad-CAM heatmaps (it needs gradients: torch only)."""
