@@ -69,7 +69,7 @@ def test_prepare_writes_split_summary_cache_and_figures(tmp_path, capsys):
         assert (out / name).exists(), name
     split = pd.read_csv(out / "split.csv")
     assert list(split.columns[:3]) == ["Image Index", "Patient ID", "split"]
-    assert list(split.columns[3:]) == [*LABELS, *DEMOGRAPHIC_COLUMNS]
+    assert list(split.columns[3:]) == [*LABELS, *DEMOGRAPHIC_COLUMNS, "source"]
     assert split.groupby("Patient ID")["split"].nunique().max() == 1
     cache = open_cache(out, 32)
     for name in split["Image Index"].head(5):

@@ -57,7 +57,7 @@ def test_split_has_the_documented_columns_and_keeps_table_order():
     assert list(split.columns) == ["Image Index", "Patient ID", "split", *LABELS]
     assert split["Image Index"].tolist() == table["Image Index"].tolist()
     assert set(split["split"]) == set(SPLITS)
-    pd.testing.assert_frame_equal(split[list(LABELS)], table[list(LABELS)])
+    pd.testing.assert_frame_equal(split[list(LABELS)], table[list(LABELS)].astype(np.float32))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -93,7 +93,7 @@ def test_split_keeps_sex_age_and_view_of_each_image_through_prepare(phantoms, pr
     table = read_table(find_table(phantoms)).set_index("Image Index")
     split = read_split(prepared / "split.csv").set_index("Image Index")
     demographics = list(DEMOGRAPHIC_COLUMNS)
-    assert list(split.columns[-3:]) == demographics
+    assert list(split.columns[-4:]) == [*demographics, "source"]
     pd.testing.assert_frame_equal(split[demographics], table.loc[split.index, demographics])
     assert set(split["View Position"]) == {"PA", "AP"}
 
@@ -183,7 +183,9 @@ def test_summary_counts_images_patients_and_positives(tmp_path):
     assert sum(summary[name]["patients"] for name in SPLITS) == split["Patient ID"].nunique()
     test = split[split["split"] == "test"]
     assert summary["test"]["labels"]["Hernia"]["positives"] == int(test["Hernia"].sum())
-    assert summary["test"]["labels"]["Hernia"]["prevalence"] == round(test["Hernia"].mean(), 6)
+    assert summary["test"]["labels"]["Hernia"]["prevalence"] == round(
+        float(test["Hernia"].mean()), 6
+    )
     json_path, md_path = write_summary(summary, tmp_path)
     assert json.loads(json_path.read_text()) == summary
     markdown = md_path.read_text()

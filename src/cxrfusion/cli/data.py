@@ -43,18 +43,23 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--data",
-        type=Path,
+        action="append",
         required=True,
-        help="NIH folder (Data_Entry_2017*.csv + images), or chestmnist[:64|128|224] (MedMNIST, "
-        "downloaded at first use; its own split) or a chestmnist*.npz file",
+        metavar="[KIND:]PATH",
+        help="NIH folder (Data_Entry_2017*.csv + images); or chexpert:DIR, mimic:DIR, "
+        "padchest:DIR, vindr:DIR, nih:DIR (each dataset's published layout: docs/datasets.md), "
+        "repeated to merge datasets into one; or chestmnist[:64|128|224] (MedMNIST, downloaded at "
+        "first use; its own split) or a chestmnist*.npz file, alone",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--split",
-        choices=("iterative", "official"),
+        choices=("auto", "iterative", "official"),
         default=d.split,
-        help="iterative: the report's stratified patient split (default); official: "
-        "NIH's train_val_list.txt/test_list.txt, validation carved out by patient",
+        help="iterative: the report's stratified patient split; official: the dataset's "
+        "published split (NIH's lists, CheXpert's valid.csv as test, MIMIC's split file, "
+        "VinDr's test set), validation carved out by patient where none is published; auto "
+        "(default): official for MIMIC and VinDr with test labels, iterative elsewhere",
     )
     p.add_argument(
         "--patient-fraction",
@@ -82,6 +87,26 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="exclude missing/unreadable images (listed in excluded.csv) instead of stopping",
     )
+    p.add_argument(
+        "--uncertain",
+        choices=("mask", "zeros", "ones"),
+        default=d.uncertain,
+        help="CheXpert/MIMIC's uncertain (-1) labels: mask (unknown: not learned, not scored; "
+        "default), zeros or ones",
+    )
+    p.add_argument(
+        "--readers",
+        default=d.readers,
+        metavar="majority|union|any:N",
+        help="VinDr: a finding is positive when more than half of the image's readers (majority, "
+        "default), any reader (union) or at least N readers (any:N) reported it",
+    )
+    p.add_argument(
+        "--views",
+        default=d.views,
+        help="views kept: frontal (PA, AP, AP_SUPINE; default), all, or a comma list of PA, AP, "
+        "AP_SUPINE, LATERAL, UNKNOWN",
+    )
     p.set_defaults(func=_prepare)
 
 
@@ -98,11 +123,18 @@ def _prepare(args: argparse.Namespace) -> None:
         workers=args.workers,
         labels_only=args.labels_only,
         skip_missing=args.skip_missing,
+        uncertain=args.uncertain,
+        readers=args.readers,
+        views=args.views,
     )
     from cxrfusion.data.chestmnist import is_chestmnist
 
-    if not (args.data.is_dir() or is_chestmnist(args.data)):
-        raise CxrError(f"{args.data}: not a data folder, chestmnist[:SIZE] or a .npz file (--data)")
+    first = args.data[0]
+    plain = len(args.data) == 1 and ":" not in first  # KIND:FOLDER is checked by prepare
+    if plain and not (Path(first).is_dir() or is_chestmnist(first)):
+        raise CxrError(
+            f"{first}: not a data folder, KIND:FOLDER, chestmnist[:SIZE] or a .npz file (--data)"
+        )
     from cxrfusion.data.prepare import prepare  # after the cheap checks: it loads pandas, torch
 
     result = prepare(args.data, args.out, options)

@@ -26,9 +26,16 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--checkpoint", type=Path, help="a checkpoint inside a run directory")
     p.add_argument(
         "--split",
-        choices=("test", "val", "train"),
+        choices=("test", "val", "train", "all"),
         default="test",
-        help="split to evaluate (default test)",
+        help="split to evaluate (default test; all: every image, with --prepared only)",
+    )
+    p.add_argument(
+        "--prepared",
+        type=Path,
+        help="external validation: evaluate on another prepared folder (cached at the run's "
+        "cache size) with the run's preprocessing, temperatures and validation thresholds, "
+        "scoring only the findings it reports (default out: <run>/external_<name>_<split>)",
     )
     p.add_argument("--mc-samples", type=int, default=25, help="MC-dropout passes T (default 25)")
     p.add_argument(
@@ -104,7 +111,10 @@ def _evaluate(args: argparse.Namespace) -> None:
         labels=args.labels,
         labels_file=args.labels_file,
         boxes=args.boxes,
+        prepared=None if args.prepared is None else str(args.prepared),
     )
+    if args.prepared is not None and not (args.prepared / "split.csv").is_file():
+        raise CxrError(f"{args.prepared}: no split.csv: not a prepared folder (--prepared)")
     out = evaluate(run, args.out, options)
     metrics = json.loads((out / "metrics.json").read_text())
     macro = metrics["auc"]["macro"]

@@ -130,11 +130,12 @@ def build_cache(
     workers: int = 1,
     progress: bool = True,
     allow_failures: bool = False,
+    names: Sequence[str] | None = None,
 ) -> ImageCache:
     """Decode and resize every image into the cache (resuming an interrupted build).
 
     Args:
-        paths: image files, in the order of their cache rows; names (file names) must be unique.
+        paths: image files, in the order of their cache rows.
         out: folder that receives the cache.
         size: side of the stored square images; the loader resizes to the model's input from here,
             so keep it a little above the input (256 for 224) to leave room for zoom augmentation.
@@ -143,11 +144,16 @@ def build_cache(
         allow_failures: publish the cache even if some images fail to decode (they are recorded
             in `failed`, file: reason, with a blank row). Otherwise such failures raise CxrError
             and the decoded rows stay in the hidden partial files, so the next run resumes.
+        names: the unique name of each image (the split's `Image Index`); default the file
+            names, unique in NIH's layout but not in CheXpert's (`view1_frontal.jpg`).
     """
     out.mkdir(parents=True, exist_ok=True)
     array_path, manifest_path = cache_files(out, size)
-    names = [p.name for p in paths]
     fingerprint = _fingerprint(paths, size)
+    file_names = [p.name for p in paths]
+    names = file_names if names is None else list(names)
+    if names != file_names:  # the same files under other names are another cache
+        fingerprint = hashlib.sha256((fingerprint + json.dumps(names)).encode()).hexdigest()
     if manifest_path.exists() and read_manifest(manifest_path)["fingerprint"] == fingerprint:
         log.info("image cache %s is up to date", array_path)
         return open_cache(out, size)

@@ -52,5 +52,5 @@ def plot_sample_grid(images: np.ndarray, labels: list[str], path: Path, columns:
 
 def findings_text(row: pd.Series) -> str:
     """`Effusion | Mass` style text of a split row's positive labels, or No Finding."""
-    positives = [name for name in LABELS if row[name]]
+    positives = [name for name in LABELS if row[name] == 1]  # NaN (unknown) is not a finding
     return " | ".join(positives) if positives else "No Finding"

@@ -24,6 +24,8 @@ from cxrfusion.labels import LABELS
 logger = logging.getLogger(__name__)
 
 SPLIT_COLUMN = "split"
+SOURCE_COLUMN = "source"
+OFFICIAL_COLUMN = "official"
 SPLITS = ("train", "val", "test")
 SPLIT_FILE = "split.csv"
 SUMMARY_JSON = "split_summary.json"
@@ -142,7 +144,29 @@ def _assign_official(
     return names.where(~in_test, "test")
 
 
-METHODS: dict[str, Assigner] = {"iterative": _assign_iterative, "official": _assign_official}
+def _assign_published(
+    table: pd.DataFrame,
+    patient_fraction: float,
+    val: float,
+    test: float,
+    rng: np.random.Generator,
+    official_lists: tuple | None,
+) -> pd.Series:
+    """The split a dataset publishes in its `official` column (MIMIC's), kept as it is."""
+    names = table[OFFICIAL_COLUMN]
+    spread = table.groupby(PATIENT_COLUMN)[OFFICIAL_COLUMN].nunique()
+    if (spread > 1).any():
+        raise CxrError(
+            f"the published split puts patient {spread.index[spread > 1][0]} in two splits"
+        )
+    return names
+
+
+METHODS: dict[str, Assigner] = {
+    "iterative": _assign_iterative,
+    "official": _assign_official,
+    "published": _assign_published,
+}
 
 
 def make_split(
@@ -154,14 +178,16 @@ def make_split(
     seed: int = 0,
     official_lists: tuple[set[str], set[str]] | None = None,
 ) -> pd.DataFrame:
-    """Split the NIH table by patient into train/val/test; same inputs, same split.
+    """Split a table by patient into train/val/test; same inputs, same split.
 
     Args:
-        table: `read_table`'s frame (`Image Index`, `Patient ID`, the 14 labels, and any of
-            `DEMOGRAPHIC_COLUMNS`, which are carried into the split unchanged).
+        table: `read_table`'s frame or a source's (`Image Index`, `Patient ID`, the 14 labels
+            0/1/NaN, and any of `DEMOGRAPHIC_COLUMNS` and `source`, carried into the split
+            unchanged; "published" reads its `official` column).
         method: "iterative" (the report's: a random patient subset, then iterative multi-label
             stratification of patients) or "official" (NIH's test_list.txt is the test split,
-            exactly; val is carved by patient from train_val_list.txt, stratified).
+            exactly; val is carved by patient from train_val_list.txt, stratified) or
+            "published" (the table's `official` column as it is: MIMIC's split).
         patient_fraction: share of patients kept before splitting, in (0, 1]; the report used
             0.5 to halve training cost. Ignored by "official", whose test split stays exact.
         val: validation share of the images, in (0, 1). For "official" it is still a share of
@@ -172,8 +198,8 @@ def make_split(
             "official". Images in neither list are left out with a warning.
 
     Returns:
-        Columns `Image Index`, `Patient ID`, `split`, the 14 labels, then the table's
-        demographic columns; the kept rows in table order. Shares are met per patient, so image shares are close, not exact.
+        Columns `Image Index`, `Patient ID`, `split`, the 14 labels (float32, NaN where
+        unknown), then the table's demographic columns and `source`; the kept rows in table order. Shares are met per patient, so image shares are close, not exact.
 
     Raises:
         CxrError: for a bad method or fraction, too few patients, or inconsistent lists.
@@ -190,8 +216,10 @@ def make_split(
     kept = names.notna()
     split = table.loc[kept, [IMAGE_COLUMN, PATIENT_COLUMN]].copy()
     split[SPLIT_COLUMN] = names[kept].astype(str)
-    carried = [*LABELS, *(name for name in DEMOGRAPHIC_COLUMNS if name in table.columns)]
+    optional = (*DEMOGRAPHIC_COLUMNS, SOURCE_COLUMN)
+    carried = [*LABELS, *(name for name in optional if name in table.columns)]
     split = pd.concat([split, table.loc[kept, carried]], axis=1).reset_index(drop=True)
+    split[list(LABELS)] = split[list(LABELS)].astype(np.float32)
     counts = split[SPLIT_COLUMN].value_counts()
     logger.info("%s split: %s images", method, ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS))
     return split
@@ -201,27 +229,32 @@ def write_split(split: pd.DataFrame, out: Path) -> Path:
     """Save a split as `out/split.csv`, atomically; identical splits give identical bytes.
 
     Args:
-        split: `make_split`'s frame (integers and names only, so no float formatting).
+        split: `make_split`'s frame; labels are written 0, 1 or empty (unknown).
         out: the run or cache folder (created if needed).
     """
-    text = split.to_csv(index=False, lineterminator="\n")
+    labels = split[list(LABELS)].astype("Int8")
+    text = split.assign(**labels).to_csv(index=False, lineterminator="\n")
     return write_atomic(Path(out) / SPLIT_FILE, text.encode("utf-8"))
 
 
 def read_split(path: Path) -> pd.DataFrame:
     """Load a saved `split.csv` back into `make_split`'s frame.
 
-    The demographic columns are optional (a split.csv written before they were kept has none);
-    they are read as text, an empty cell as missing.
+    Labels are float32 0/1, an empty cell NaN (unknown). `Patient ID` is an integer where every
+    id is one (NIH), else text (namespaced by source: `chexpert:patient00001`). The demographic
+    columns and `source` are optional (an older split.csv has none); they are read as text, an
+    empty cell as missing.
 
     Raises:
-        CxrError: when the file is missing, lacks a column or names an unknown split.
+        CxrError: when the file is missing, lacks a column, names an unknown split or holds a
+            label other than 0, 1 or empty.
     """
     columns = [IMAGE_COLUMN, PATIENT_COLUMN, SPLIT_COLUMN, *LABELS]
-    dtypes = {IMAGE_COLUMN: str, PATIENT_COLUMN: np.int64, SPLIT_COLUMN: str}
-    dtypes |= dict.fromkeys(DEMOGRAPHIC_COLUMNS, str)
+    optional = (*DEMOGRAPHIC_COLUMNS, SOURCE_COLUMN)
+    dtypes = {IMAGE_COLUMN: str, PATIENT_COLUMN: str, SPLIT_COLUMN: str}
+    dtypes |= dict.fromkeys(optional, str) | dict.fromkeys(LABELS, np.float32)
     try:
-        split = pd.read_csv(path, dtype=dtypes | dict.fromkeys(LABELS, np.uint8))
+        split = pd.read_csv(path, dtype=dtypes)
     except FileNotFoundError:
         raise CxrError(f"{path}: split file not found") from None
     except (ValueError, pd.errors.ParserError) as error:
@@ -232,11 +265,18 @@ def read_split(path: Path) -> pd.DataFrame:
     unknown = set(split[SPLIT_COLUMN]) - set(SPLITS)
     if unknown:
         raise CxrError(f"{path}: unknown split {sorted(unknown)[0]!r}")
-    return split[columns + [name for name in DEMOGRAPHIC_COLUMNS if name in split.columns]]
+    labels = split[list(LABELS)].to_numpy()
+    if not (np.isnan(labels) | np.isin(labels, (0.0, 1.0))).all():
+        raise CxrError(f"{path}: labels must be 0, 1 or empty")
+    patients = split[PATIENT_COLUMN]
+    if patients.str.fullmatch(r"\d+").all():
+        split[PATIENT_COLUMN] = patients.astype(np.int64)
+    return split[columns + [name for name in optional if name in split.columns]]
 
 
 def _describe(part: pd.DataFrame, total_images: int) -> dict:
     positives = part[list(LABELS)].sum()
+    known = part[list(LABELS)].notna().sum()
     images = len(part)
     return {
         "images": images,
@@ -245,7 +285,10 @@ def _describe(part: pd.DataFrame, total_images: int) -> dict:
         "labels": {
             label: {
                 "positives": int(positives[label]),
-                "prevalence": round(positives[label] / images, 6) if images else 0.0,
+                "prevalence": round(float(positives[label]) / known[label], 6)
+                if known[label]
+                else 0.0,
+                "unknown": int(images - known[label]),
             }
             for label in LABELS
         },
@@ -253,14 +296,15 @@ def _describe(part: pd.DataFrame, total_images: int) -> dict:
 
 
 def summarise(split: pd.DataFrame) -> dict:
-    """Images, patients, image share and per-label positives/prevalence of each split.
+    """Images, patients, image share and per-label positives/prevalence/unknown of each split.
 
     Args:
         split: `make_split`'s frame.
 
     Returns:
         `{"train": {...}, "val": {...}, "test": {...}, "overall": {...}}`, each with `images`,
-        `patients`, `image_share` and `labels: {name: {"positives", "prevalence"}}`.
+        `patients`, `image_share` and `labels: {name: {"positives", "prevalence",
+        "unknown"}}`; prevalence is among the images whose label is known.
     """
     total = len(split)
     summary = {name: _describe(split[split[SPLIT_COLUMN] == name], total) for name in SPLITS}
@@ -285,8 +329,9 @@ def _markdown(summary: dict) -> str:
             counts = summary[column]["labels"][label]
             cells.append(f"{counts['positives']:,} ({100 * counts['prevalence']:.2f} %)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "# Split summary\n\nPositives per label (prevalence among the split's images).\n\n" + (
-        "\n".join(lines) + "\n"
+    return (
+        "# Split summary\n\nPositives per label (prevalence among the split's images whose label is known).\n\n"
+        + ("\n".join(lines) + "\n")
     )
 
 

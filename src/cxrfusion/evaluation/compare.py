@@ -84,14 +84,17 @@ def _read_predictions(eval_dir: Path) -> pd.DataFrame:
         raise CxrError(f"{path}: no rows")
     if frame["Image Index"].isna().any() or frame["Image Index"].duplicated().any():
         raise CxrError(f"{path}: 'Image Index' is empty or repeated in some rows")
-    values = frame[[PATIENT, *LABELS, *TRUE_COLUMNS]].apply(pd.to_numeric, errors="coerce")
-    if not np.isfinite(values.to_numpy(dtype=float)).all():
-        raise CxrError(
-            f"{path}: a non-numeric or empty value in the patient, score or truth columns"
-        )
-    if not values[TRUE_COLUMNS].isin((0, 1)).all().all():
-        raise CxrError(f"{path}: the true_<label> columns must hold only 0 and 1")
+    if frame[PATIENT].isna().any():
+        raise CxrError(f"{path}: an empty value in the patient column")
+    values = frame[[*LABELS, *TRUE_COLUMNS]].apply(pd.to_numeric, errors="coerce")
+    if not np.isfinite(values[list(LABELS)].to_numpy(dtype=float)).all():
+        raise CxrError(f"{path}: a non-numeric or empty value in the score columns")
+    truth = values[TRUE_COLUMNS]
+    # Empty truth is an unknown label (the dataset does not report that finding).
+    if not (truth.isin((0, 1)) | truth.isna()).all().all():
+        raise CxrError(f"{path}: the true_<label> columns must hold only 0, 1 or empty")
     frame[values.columns] = values
+    frame[PATIENT] = frame[PATIENT].astype(str)
     return frame.set_index("Image Index")
 
 
@@ -112,10 +115,10 @@ def _aligned(eval_dirs: Sequence[Path]) -> tuple[np.ndarray, list[np.ndarray], n
                 f"{Path(eval_dirs[0]) / PREDICTIONS} ({len(only_here)} only here, "
                 f"{len(only_first)} only there); compare runs evaluated on the same split"
             )
-        same = frame.loc[first.index, [PATIENT, *TRUE_COLUMNS]].to_numpy()
-        if not np.array_equal(same, first[[PATIENT, *TRUE_COLUMNS]].to_numpy()):
+        same = frame.loc[first.index, [PATIENT, *TRUE_COLUMNS]]
+        if not same.equals(first[[PATIENT, *TRUE_COLUMNS]]):
             raise CxrError(f"{path}: its patients or true labels differ from {eval_dirs[0]}")
-    y = first[TRUE_COLUMNS].to_numpy().astype(np.uint8)
+    y = first[TRUE_COLUMNS].to_numpy(dtype=float)
     probs = [frame.loc[first.index, list(LABELS)].to_numpy(dtype=float) for frame in frames]
     return y, probs, first[PATIENT].to_numpy()
 
@@ -124,10 +127,14 @@ def _holm_clustered_delong(
     y: np.ndarray, prob: np.ndarray, prob_reference: np.ndarray, patients: np.ndarray
 ) -> np.ndarray:
     """Per-class patient-clustered DeLong p-values of one model against the reference, Holm."""
-    raw = [
-        clustered_delong_test(y[:, c], prob[:, c], prob_reference[:, c], patients)["p_value"]
-        for c in range(y.shape[1])
-    ]
+    raw = []
+    for c in range(y.shape[1]):
+        known = ~np.isnan(y[:, c])  # each class on its known labels
+        raw.append(
+            clustered_delong_test(
+                y[known, c], prob[known, c], prob_reference[known, c], patients[known]
+            )["p_value"]
+        )
     return holm(np.array(raw))
 
 
@@ -183,7 +190,8 @@ def compare_runs(
 
     index = [*LABELS, MACRO]
     table = pd.DataFrame(index=pd.Index(index, name="label"))
-    table["positives"] = [*y.sum(axis=0).tolist(), int(y.any(axis=1).sum())]
+    positive = y == 1
+    table["positives"] = [*positive.sum(axis=0).tolist(), int(positive.any(axis=1).sum())]
     for name in names:
         table[name] = [*aucs[name], macros[name]]
     prob_reference = probs[names.index(reference)]

@@ -21,6 +21,7 @@ import torch
 
 from cxrfusion.atomic import write_atomic
 from cxrfusion.checks import check_bool, check_choice, check_number
+from cxrfusion.data.cache import open_cache
 from cxrfusion.data.dataset import CachedXrayDataset, split_datasets
 from cxrfusion.data.split import read_split
 from cxrfusion.errors import CxrError
@@ -72,6 +73,10 @@ class EvaluateOptions:
         labels_file: the expert label file (default: beside the NIH table).
         boxes: localisation against NIH's boxes: None (off), "" (the file beside the NIH table)
             or the box file.
+        prepared: external validation: another prepared folder (`cxrfusion prepare`, cached at
+            the run's cache size) whose `split` ("all" for every image) is evaluated with the
+            run's preprocessing, temperatures and validation thresholds; only the findings that
+            data reports (positives and negatives among its known labels) are scored.
     """
 
     split: str = "test"
@@ -86,9 +91,11 @@ class EvaluateOptions:
     labels: str | None = None
     labels_file: str | None = None
     boxes: str | None = None
+    prepared: str | None = None
 
     def __post_init__(self) -> None:
-        check_choice("split", self.split, ("test", "val", "train"))
+        splits = ("test", "val", "train") + (("all",) if self.prepared else ())
+        check_choice("split", self.split, splits)
         check_number("mc_samples", self.mc_samples, integer=True, low=1)
         check_choice("mc_mode", self.mc_mode, ("head", "full"))
         check_number("threshold", self.threshold, low=0)
@@ -128,6 +135,37 @@ def load_split_data(run_dir: Path, config, names: set[str]) -> dict[str, SplitDa
             raise CxrError(f"{split_file}: the {name!r} split is empty")
         data[name] = SplitData(datasets[name], split[split["split"] == name])
     return data
+
+
+def load_external(prepared: Path, config, name: str) -> SplitData:
+    """The `name` split ("all": every image) of another prepared folder, as the run reads images.
+
+    Raises:
+        CxrError: the split is empty, or the folder has no cache of the run's size.
+    """
+    split_file = Path(prepared) / "split.csv"
+    split = read_split(split_file)
+    rows = split if name == "all" else split[split["split"] == name]
+    if rows.empty:
+        raise CxrError(f"{split_file}: the {name!r} split is empty")
+    cache = open_cache(Path(prepared), config.cache_size)
+    dataset = CachedXrayDataset(
+        cache.path,
+        cache.rows_for(rows["Image Index"].tolist(), prepared),
+        rows[list(LABELS)].to_numpy(),
+        config.input_size,
+    )
+    return SplitData(dataset, rows)
+
+
+def overlap(run_split: pd.DataFrame, rows: pd.DataFrame) -> dict[str, int]:
+    """Images and patients of `rows` that the run's own split.csv also holds (any split)."""
+    return {
+        "shared_images": int(rows["Image Index"].isin(run_split["Image Index"]).sum()),
+        "shared_patients": int(
+            rows["Patient ID"].astype(str).isin(run_split["Patient ID"].astype(str)).sum()
+        ),
+    }
 
 
 def _check_out(out: Path, run_dir: Path) -> Path:
@@ -179,13 +217,24 @@ def evaluate(
     """
     checkpoint = resolve_checkpoint(run)
     run_dir = checkpoint.parent
-    out = _check_out(Path(out), run_dir) if out else run_dir / f"eval_{options.split}"
+    external = Path(options.prepared) if options.prepared else None
+    default = (
+        f"external_{external.resolve().name}_{options.split}"
+        if external
+        else f"eval_{options.split}"
+    )
+    out = _check_out(Path(out), run_dir) if out else run_dir / default
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module, config = load_run(checkpoint, device)
     model = module.model.to(memory_format=torch.channels_last)
-    data = load_split_data(run_dir, config, {options.split, TUNING_SPLIT})
+    split = read_split(run_dir / "split.csv")
+    if external is None:
+        data = load_split_data(run_dir, config, {options.split, TUNING_SPLIT})
+    else:
+        data = load_split_data(run_dir, config, {TUNING_SPLIT})
+        data[options.split] = load_external(external, config, options.split)
     sources = load_sources(
-        Path(config.prepared), options.labels, options.labels_file, options.boxes
+        external or Path(config.prepared), options.labels, options.labels_file, options.boxes
     )
     logits = {
         name: predict_sample_logits(
@@ -200,6 +249,9 @@ def evaluate(
     }
     evaluated, tuning = data[options.split], data[TUNING_SPLIT]
     metrics: dict = {"split": options.split, "checkpoint": str(checkpoint), "notes": []}
+    if external is not None:
+        metrics["external"] = _external_record(external, split, evaluated)
+        metrics["notes"].extend(_external_notes(metrics["external"]))
     temperature = None
     if options.temperature_scale:
         fit = fit_temperature(logits[TUNING_SPLIT], tuning.y)
@@ -226,7 +278,7 @@ def evaluate(
     _add_metrics(metrics, evaluated, summary, val_samples.mean(axis=0), tuning.y, options)
     if temperature is not None:
         metrics["calibration_before_temperature"] = calibration_summary(evaluated.y, plain["mean"])
-    split = read_split(run_dir / "split.csv")
+    shown = split if external is None else evaluated.rows
     with _staged(out) as staging:
         table = predictions_table(evaluated.rows, summary, options.threshold)
         write_atomic(staging / "predictions.csv", to_csv(table))
@@ -249,13 +301,41 @@ def evaluate(
             options.examples,
         )  # fmt: skip
         write_evaluation_report(
-            staging, run_dir, config.to_yaml(), split, metrics, figures, trust_sections
+            staging, run_dir, config.to_yaml(), shown, metrics, figures, trust_sections
         )
     if options.temperature_scale:
         scaling = metrics["temperature_scaling"]
         write_temperature(run_dir, temperature, scaling["fitted_on"], scaling["fit"])
     log.info("evaluation of %s written to %s", run_dir, out)
     return out
+
+
+def _external_record(prepared: Path, run_split: pd.DataFrame, evaluated: SplitData) -> dict:
+    """Where the external images come from, which findings they score, what they share."""
+    y = evaluated.y
+    scored = [
+        label
+        for label, column in zip(LABELS, y.T, strict=True)
+        if (column == 1).any() and (column == 0).any()
+    ]
+    return {"prepared": str(prepared.resolve()), "scored": scored} | overlap(
+        run_split, evaluated.rows
+    )
+
+
+def _external_notes(record: dict) -> list[str]:
+    """Say when the "external" data is not external, and what is not scored."""
+    notes = [
+        f"external validation on {record['prepared']}: {len(record['scored'])} of "
+        f"{len(LABELS)} findings scored (those it reports with positives and negatives)"
+    ]
+    if record["shared_images"] or record["shared_patients"]:
+        notes.append(
+            f"not independent: {record['shared_images']} evaluated images and "
+            f"{record['shared_patients']} images of shared patients are also in the run's "
+            "split.csv (the training source)"
+        )
+    return notes
 
 
 def _conformal_notes(calibration: Calibration, options: EvaluateOptions) -> list[str]:
@@ -312,12 +392,14 @@ def _add_metrics(
     metrics["auc"] = auc_summary(
         y, mean, rows["Patient ID"].to_numpy(), n_resamples=options.bootstrap, seed=options.seed
     )
-    auprc, prevalence = per_class_average_precision(y, mean), y.mean(axis=0)
+    known = (~np.isnan(y)).sum(axis=0)
+    prevalence = np.where(known > 0, (y == 1).sum(axis=0) / np.maximum(known, 1), np.nan)
+    auprc = per_class_average_precision(y, mean)
     metrics["auprc"] = {
         "classes": {
             label: {
                 "auprc": json_number(a),
-                "prevalence": float(p),
+                "prevalence": json_number(p),
             }
             for label, a, p in zip(LABELS, auprc, prevalence, strict=True)
         }

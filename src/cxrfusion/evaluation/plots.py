@@ -36,7 +36,7 @@ def plot_roc_curves(
         raise ValueError(f"y_true has shape {np.shape(y_true)}, expected (N, {len(labels)})")
     curves = roc_curve_points(y_true, y_prob)
     aucs = per_class_auc(y_true, y_prob)
-    positives = np.asarray(y_true).astype(bool).sum(axis=0)
+    positives = (np.asarray(y_true) == 1).sum(axis=0)
     columns = 4
     rows = int(np.ceil(len(labels) / columns))
     figure = new_figure((3.2 * columns, 3.2 * rows))

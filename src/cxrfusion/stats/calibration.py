@@ -3,6 +3,7 @@
 Each of the C outputs is its own binary problem (sigmoid, not softmax), so "confidence" here is the
 predicted probability of the positive class and "accuracy" the observed positive frequency. With
 `axis=None` the metrics pool all image-class pairs (flattened); with `axis=0` they are per class.
+A NaN label (unknown: the image's dataset does not report that finding) is left out.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import numpy as np
 
 
 def _check_probs(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate same-shape 0/1 labels and probabilities in [0, 1]; return both as float."""
+    """Validate same-shape 0/1/NaN labels and probabilities in [0, 1]; return both as float."""
     y = np.asarray(y_true, dtype=float)
     p = np.asarray(y_prob, dtype=float)
     if y.shape != p.shape or y.size == 0:
         raise ValueError(f"y_true {y.shape} and y_prob {p.shape} must share one non-empty shape")
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError("y_true must hold only 0 and 1")
+    if not (np.isnan(y) | np.isin(y, (0.0, 1.0))).all():
+        raise ValueError("y_true must hold only 0 and 1 (or NaN: unknown)")
     if not ((p >= 0.0) & (p <= 1.0)).all():
         raise ValueError("y_prob must be probabilities in [0, 1]")
     return y, p
@@ -38,7 +39,8 @@ def reliability_bins(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 15) -
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     y, p = _check_probs(y_true, y_prob)
-    y, p = y.ravel(), p.ravel()
+    known = ~np.isnan(y.ravel())
+    y, p = y.ravel()[known], p.ravel()[known]
     index = np.minimum((p * n_bins).astype(int), n_bins - 1)
     counts = np.bincount(index, minlength=n_bins)
     filled = counts > 0
@@ -76,7 +78,18 @@ def expected_calibration_error(
     bins = reliability_bins(y_true, y_prob, n_bins)
     gaps = np.abs(bins["frequency"] - bins["confidence"])
     filled = bins["counts"] > 0
+    if not filled.any():
+        return float("nan")  # no known label
     return float(np.sum(bins["counts"][filled] * gaps[filled]) / bins["counts"].sum())
+
+
+def _known_mean(values: np.ndarray, axis: int | None) -> float | np.ndarray:
+    """Mean over the non-NaN entries (NaN where there are none), without warnings."""
+    known = ~np.isnan(values)
+    total = np.where(known, values, 0.0).sum(axis=axis)
+    count = known.sum(axis=axis)
+    mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return float(mean) if axis is None else mean
 
 
 def brier_score(
@@ -90,8 +103,7 @@ def brier_score(
         axis: None averages over all elements; 0 gives one score per class.
     """
     y, p = _check_probs(y_true, y_prob)
-    score = np.mean((p - y) ** 2, axis=axis)
-    return float(score) if axis is None else score
+    return _known_mean((p - y) ** 2, axis)
 
 
 def nll(
@@ -108,8 +120,7 @@ def nll(
     """
     y, p = _check_probs(y_true, y_prob)
     p = np.clip(p, eps, 1.0 - eps)
-    loss = -np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p), axis=axis)
-    return float(loss) if axis is None else loss
+    return _known_mean(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)), axis)
 
 
 def calibration_summary(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float]:

@@ -160,7 +160,7 @@ def crc_threshold(
 
 def missed(y_true: np.ndarray, decisions: np.ndarray) -> np.ndarray:
     """(N,) bool: the image has a true finding that the decisions call negative."""
-    return (np.asarray(y_true).astype(bool) & ~np.asarray(decisions, dtype=bool)).any(axis=1)
+    return ((np.asarray(y_true) == 1) & ~np.asarray(decisions, dtype=bool)).any(axis=1)
 
 
 def referral_threshold(
@@ -232,7 +232,7 @@ def fit_calibration(
     for name, value in (("--alpha", alpha), ("--referral-alpha", referral_alpha)):
         if not 0.0 < value < 1.0:
             raise CxrError(f"{name} {value}: must lie strictly between 0 and 1")
-    y = np.asarray(y_true).astype(bool)
+    y = np.asarray(y_true) == 1  # an unknown (NaN) label is never a missed finding
     p = np.asarray(probabilities, dtype=float)
     groups = np.asarray(groups)
     unit = unit or default_unit(groups)
@@ -356,7 +356,7 @@ def realised_rates(
     Args:
         groups: (N,) patient ids of the evaluated images.
     """
-    y = np.asarray(y_true).astype(bool)
+    y = np.asarray(y_true) == 1  # an unknown (NaN) label is never a missed finding
     groups = np.asarray(groups)
     unit = calibration.unit
     positive, referred = apply_calibration(probabilities, uncertainty, calibration)

@@ -2,7 +2,8 @@
 
 Honest numbers: a class without positives (or without negatives) has no AUC (NaN, never 0) and is left
 out of the macro mean, so it can never lower it; confidence intervals resample *patients*, because the
-images of one patient are not independent cases.
+images of one patient are not independent cases. A NaN label (a finding the image's dataset does not
+report) is left out of its class: a class is scored on its known labels only.
 """
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ logger = logging.getLogger(__name__)
 
 
 def _check_scores(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate an (N, C) pair of 0/1 labels and finite scores; return them as bool and float."""
-    y = np.asarray(y_true)
+    """Validate an (N, C) pair of 0/1/NaN labels and finite scores; return both as float."""
+    y = np.asarray(y_true, dtype=float)
     p = np.asarray(y_prob, dtype=float)
     if y.ndim != 2 or y.shape != p.shape or y.size == 0:
         raise ValueError(
             f"y_true {y.shape} and y_prob {p.shape} must share one non-empty (N, C) shape"
         )
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("y_true must hold only 0 and 1")
+    if not (np.isnan(y) | np.isin(y, (0, 1))).all():
+        raise ValueError("y_true must hold only 0 and 1 (or NaN: unknown)")
     if not np.isfinite(p).all():
         raise ValueError("y_prob must be finite")
-    return y.astype(bool), p
+    return y, p
 
 
 class _SortedScores:
@@ -40,6 +41,7 @@ class _SortedScores:
     A bootstrap resample is a reweighting (weight = how often an image was drawn), so the sort and
     the tie groups are computed here once and each resample costs one `bincount` over N*C entries.
     The AUC is the Mann-Whitney statistic with ties counted one half (what midranks give).
+    A NaN label is counted in a slot past the last group, which no class reads.
     """
 
     def __init__(self, y_true: np.ndarray, y_prob: np.ndarray) -> None:
@@ -50,10 +52,12 @@ class _SortedScores:
         starts_group[1:] = sorted_prob[1:] != sorted_prob[:-1]
         # Class-major flattening numbers the tie groups of class c after those of class c - 1.
         group = np.cumsum(starts_group.T.ravel()) - 1
-        positive = np.take_along_axis(y_true, order, axis=0).T.ravel()
+        label = np.take_along_axis(y_true, order, axis=0).T.ravel()
         self.image = order.T.ravel()
-        self.key = 2 * group + positive
         self.n_groups = int(group[-1]) + 1
+        known = ~np.isnan(label)
+        self.key = np.where(known, 2 * group + np.nan_to_num(label), 2 * self.n_groups)
+        self.key = self.key.astype(np.int64)
         self.first_group = group[::n_images]
         self.class_of_group = np.repeat(
             np.arange(n_classes), np.diff(np.append(self.first_group, self.n_groups))
@@ -61,8 +65,8 @@ class _SortedScores:
 
     def auc(self, weights: np.ndarray) -> np.ndarray:
         """Per-class AUC with image i counted `weights[i]` times; NaN where a class lacks either side."""
-        counts = np.bincount(self.key, weights=weights[self.image], minlength=2 * self.n_groups)
-        neg, pos = counts[0::2], counts[1::2]
+        counts = np.bincount(self.key, weights=weights[self.image], minlength=2 * self.n_groups + 1)
+        neg, pos = counts[0 : 2 * self.n_groups : 2], counts[1 : 2 * self.n_groups : 2]
         below = np.cumsum(neg) - neg
         below -= below[self.first_group][self.class_of_group]
         wins = np.add.reduceat(pos * (below + 0.5 * neg), self.first_group)
@@ -78,13 +82,13 @@ def per_class_auc(
     """ROC-AUC of each class (equal to `sklearn.metrics.roc_auc_score`, ties included).
 
     Args:
-        y_true: (N, C) 0/1 ground truth.
+        y_true: (N, C) 0/1 ground truth; NaN where unknown (left out of its class).
         y_prob: (N, C) scores; any monotone score works (probabilities or logits).
         sample_weight: (N,) non-negative weight of each image, e.g. how often a bootstrap drew it;
             None counts every image once.
 
     Returns:
-        (C,) AUCs; NaN for a class with no positives or no negatives.
+        (C,) AUCs; NaN for a class with no positives or no negatives among its known labels.
     """
     y, p = _check_scores(y_true, y_prob)
     weights = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
@@ -102,12 +106,12 @@ def per_class_average_precision(y_true: np.ndarray, y_prob: np.ndarray) -> np.nd
         (C,) values; NaN for a class with no positives (precision is undefined).
     """
     y, p = _check_scores(y_true, y_prob)
-    return np.array(
-        [
-            average_precision_score(y[:, c], p[:, c]) if y[:, c].any() else np.nan
-            for c in range(y.shape[1])
-        ]
-    )
+    values = []
+    for c in range(y.shape[1]):
+        known = ~np.isnan(y[:, c])
+        positive = y[known, c] == 1
+        values.append(average_precision_score(positive, p[known, c]) if positive.any() else np.nan)
+    return np.array(values)
 
 
 def macro_auc(aucs: np.ndarray) -> float:
@@ -278,10 +282,12 @@ def roc_curve_points(
     y, p = _check_scores(y_true, y_prob)
     curves: list[tuple[np.ndarray, np.ndarray] | None] = []
     for c in range(y.shape[1]):
-        if y[:, c].all() or not y[:, c].any():
+        known = ~np.isnan(y[:, c])
+        positive = y[known, c] == 1
+        if positive.all() or not positive.any():
             curves.append(None)
             continue
-        fpr, tpr, _ = roc_curve(y[:, c], p[:, c])
+        fpr, tpr, _ = roc_curve(positive, p[known, c])
         curves.append((fpr, tpr))
     return curves
 
@@ -316,7 +322,8 @@ def auc_summary(
     if y.ndim != 2 or y.shape[1] != len(labels):
         raise ValueError(f"y_true has shape {y.shape}, expected (N, {len(labels)}) for the labels")
     ci = bootstrap_auc_ci(y, y_prob, groups, n_resamples=n_resamples, seed=seed, level=level)
-    positives = y.astype(bool).sum(axis=0)
+    positives = (y == 1).sum(axis=0)
+    negatives = (y == 0).sum(axis=0)
     classes = {
         label: {
             "auc": json_number(ci["auc"][c]),
@@ -324,7 +331,7 @@ def auc_summary(
             "ci_high": json_number(ci["ci_high"][c]),
             "n_valid": int(ci["n_valid"][c]),
             "positives": int(positives[c]),
-            "negatives": int(len(y) - positives[c]),
+            "negatives": int(negatives[c]),
         }
         for c, label in enumerate(labels)
     }

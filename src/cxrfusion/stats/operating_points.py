@@ -56,7 +56,7 @@ def choose_thresholds(
         {"youden": t, "sensitivity": t}; NaN for both without positives or negatives.
     """
     y = np.asarray(y_true).astype(bool)
-    if y.all() or not y.any():
+    if y.size == 0 or y.all() or not y.any():
         return {"youden": np.nan, "sensitivity": np.nan}
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     thresholds, tp, fp = _threshold_counts(y, y_prob)
@@ -100,7 +100,11 @@ def operating_points(
     """
     classes = {}
     for c, label in enumerate(labels):
-        chosen = choose_thresholds(y_val[:, c], p_val[:, c], target_sensitivity)
+        # Each class on its known labels only (NaN: the dataset does not report it).
+        val_known, known = ~np.isnan(y_val[:, c]), ~np.isnan(y_true[:, c])
+        yv, pv = y_val[val_known, c], p_val[val_known, c]
+        yt, pt = y_true[known, c], y_prob[known, c]
+        chosen = choose_thresholds(yv, pv, target_sensitivity)
         points = {}
         for name, key in (("youden", "youden"), ("sensitivity_target", "sensitivity")):
             threshold = chosen[key]
@@ -115,8 +119,8 @@ def operating_points(
                     )  # fmt: skip
                 )
                 continue
-            sens, spec = sensitivity_specificity(y_true[:, c], y_prob[:, c], threshold)
-            val_sens, val_spec = sensitivity_specificity(y_val[:, c], p_val[:, c], threshold)
+            sens, spec = sensitivity_specificity(yt, pt, threshold)
+            val_sens, val_spec = sensitivity_specificity(yv, pv, threshold)
             points[name] = {
                 "threshold": float(threshold),
                 "sensitivity": json_number(sens),

@@ -106,21 +106,26 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> TemperatureFit:
 
     Args:
         logits: (S, N, C) MC-dropout logits, or (N, C) deterministic ones.
-        y_true: (N, C) 0/1 ground truth.
+        y_true: (N, C) 0/1 ground truth, NaN where unknown.
     """
     z = _samples(logits)
     y = np.asarray(y_true, dtype=float)
     if z.ndim != 3 or z.shape[1:] != y.shape or z.size == 0:
         raise ValueError(f"logits {z.shape} must be (S, N, C) or (N, C) with y_true {y.shape}")
-    if not np.isin(y, (0.0, 1.0)).all() or not np.isfinite(z).all():
-        raise ValueError("y_true must hold only 0 and 1 and logits must be finite")
-    positives = y.sum(axis=0).astype(int)
-    events = np.minimum(positives, len(y) - positives)
+    known = ~np.isnan(y)
+    if not np.isin(y[known], (0.0, 1.0)).all() or not np.isfinite(z).all():
+        raise ValueError("y_true must hold only 0 and 1 (or NaN) and logits must be finite")
+    positives = (y == 1).sum(axis=0)
+    events = np.minimum(positives, known.sum(axis=0) - positives)
     fittable = np.flatnonzero(events > 0)
 
     def nll_sum(log_t: float, classes: np.ndarray) -> float:
+        """Summed NLL over the known labels of `classes` (a NaN label is left out)."""
         t = np.exp(log_t)
-        return len(y) * sum(mean_sample_nll(z[:, :, c], y[:, c], t) for c in classes)
+        return sum(
+            known[:, c].sum() * mean_sample_nll(z[:, known[:, c], c], y[known[:, c], c], t)
+            for c in classes
+        )
 
     log_shared = _minimise(lambda u: nll_sum(u, fittable)) if fittable.size else 0.0
 

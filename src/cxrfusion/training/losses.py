@@ -13,28 +13,51 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSSES = ("focal", "bce", "asl")
 
 
+def masked_mean(elementwise: LossFn) -> LossFn:
+    """`elementwise(logits, targets)` averaged over the known targets only: a NaN target (a
+    finding the image's dataset does not report) adds nothing to the loss or its gradient.
+    Computed in float32 even under AMP: (1 - p) ** gamma of confident predictions underflows in
+    fp16."""
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        known = ~torch.isnan(targets)
+        values = elementwise(logits.float(), torch.nan_to_num(targets.float()))
+        return (values * known).sum() / known.sum().clamp(min=1)
+
+    return loss
+
+
 def create_loss(name: str = "focal", alpha: float = 0.25, gamma: float = 2.0) -> LossFn:
-    """A loss `fn(logits, targets) -> scalar`.
+    """A loss `fn(logits, targets) -> scalar`; targets may hold NaN (unknown, masked) except
+    for "asl".
 
     Args:
-        name: "focal" (the report's; torchvision's sigmoid focal loss, mean over all elements,
-            computed in float32 under mixed precision),
-            "bce" (binary cross-entropy) or "asl" (timm's asymmetric loss, summed as timm does).
+        name: "focal" (the report's; torchvision's sigmoid focal loss, mean over the known
+            elements), "bce" (binary cross-entropy, likewise) or "asl" (timm's asymmetric loss,
+            summed as timm does; it has no per-element form to mask).
         alpha: focal weight of positives; 0.25 weights positives at 0.25 and negatives at 0.75
             (the RetinaNet convention), a negative value disables the weighting.
         gamma: focal exponent; 0 turns focal into (alpha-weighted) cross-entropy.
     """
     if name == "focal":
-
-        def focal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            # float32 even under AMP: (1 - p) ** gamma of confident predictions underflows in fp16
-            return sigmoid_focal_loss(
-                logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="mean"
+        return masked_mean(
+            lambda logits, targets: sigmoid_focal_loss(
+                logits, targets, alpha=alpha, gamma=gamma, reduction="none"
             )
-
-        return focal
+        )
     if name == "bce":
-        return F.binary_cross_entropy_with_logits
+        return masked_mean(
+            lambda logits, targets: F.binary_cross_entropy_with_logits(
+                logits, targets, reduction="none"
+            )
+        )
     if name == "asl":
-        return AsymmetricLossMultiLabel()
+        asl = AsymmetricLossMultiLabel()
+
+        def asymmetric(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            if torch.isnan(targets).any():
+                raise ValueError("loss 'asl' cannot mask unknown (NaN) labels: use focal or bce")
+            return asl(logits, targets)
+
+        return asymmetric
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")
