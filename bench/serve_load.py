@@ -57,10 +57,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(run: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(
+    run: Path, port: int, args: argparse.Namespace, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     command = [sys.executable, "-m", "cxrfusion.cli", "serve", "--run", str(run)]
     command += ["--port", str(port), "--queue", str(args.queue), "--engine", args.engine]
-    command += ["--mc-samples", str(args.mc_samples)]
+    command += ["--mc-samples", str(args.mc_samples), *extra]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):  # at most 2 minutes to import torch and load the run

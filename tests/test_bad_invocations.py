@@ -105,8 +105,30 @@ CASES: list[tuple[str, list[str], str]] = [
     ("download-archive-13", ["download", "nih", "--out", "d", "--only", "13"], "--only"),
     ("download-from-nowhere", ["download", "nih", "--out", "d", "--from", "nowhere"], "nowhere"),
     ("export-missing-run", ["export", "--run", "nowhere"], "nowhere"),
+    ("export-force-without-quantize", ["export", "--run", "run_empty", "--force"], "--force"),
+    ("export-unknown-quantization", ["export", "--run", "run_empty", "--quantize", "int4"], "int4"),
     ("predict-missing-run", ["predict", "--run", "nowhere", "x.png"], "nowhere"),
     ("serve-port-zero", ["serve", "--run", "run_empty", "--port", "0"], "--port"),
+    (
+        "serve-missing-token-file",
+        ["serve", "--run", "run_empty", "--token-file", "nowhere"],
+        "--token-file nowhere",
+    ),
+    (
+        "serve-empty-token-file",
+        ["serve", "--run", "run_empty", "--token-file", "empty_token"],
+        "empty",
+    ),
+    (
+        "serve-token-and-token-file",
+        ["serve", "--run", "run_empty", "--token", "t", "--token-file", "empty_token"],
+        "not allowed with",
+    ),
+    (
+        "serve-allowed-host-with-port",
+        ["serve", "--run", "run_empty", "--allowed-hosts", "cxr.example.org:8000"],
+        "--allowed-hosts",
+    ),
     ("calibrate-missing-run", ["calibrate", "--run", "nowhere"], "nowhere"),
     ("reproduce-missing-data", ["reproduce", "--data", "nowhere", "--dry-run"], "nowhere"),
 ]
@@ -117,6 +139,7 @@ def _make_inputs(root: Path) -> None:
     for folder in ("d", "run_a", "run_b", "run_empty", "prepared"):
         (root / folder).mkdir()
     (root / "a_file").write_text("not a folder\n")
+    (root / "empty_token").write_text("\n")
     (root / "prepared" / "split.csv").write_text("Image Index,split\n")
     (root / "bad_csv").mkdir()
     (root / "bad_csv" / "Data_Entry_2017.csv").write_text("Image,Labels\na.png,Mass\n")

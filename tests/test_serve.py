@@ -225,6 +225,14 @@ BAD_REQUESTS = {
         "malformed multipart",
     ),
     "invalid heatmap option": ("bad option", 400, "heatmap must be true or false"),
+    "part with 5000 headers": (
+        dict(
+            content=b"--xyz\r\n" + b"X-A: b\r\n" * 5000 + b"\r\nx\r\n--xyz--\r\n",
+            headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+        ),
+        400,
+        "Maximum header count exceeded",
+    ),
 }
 
 
@@ -330,17 +338,13 @@ class GatedClassifier:
         self.inner = inner
         self.gate = threading.Event()
 
-    def predict(self, source, gradcam: bool = False):
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def predict_prepared(self, images, seed=None, gradcam: bool = False):
         if not self.gate.wait(timeout=60):
             raise RuntimeError("the test never opened the gate")
-        return self.inner.predict(source, gradcam=gradcam)
-
-    def card(self) -> dict:
-        return self.inner.card()
-
-    @property
-    def supports_gradcam(self) -> bool:
-        return self.inner.supports_gradcam
+        return self.inner.predict_prepared(images, seed, gradcam)
 
 
 @pytest.fixture(scope="module")
@@ -384,14 +388,25 @@ def test_a_full_queue_answers_503_with_retry_after_while_the_model_is_busy(
     assert post().status_code == 200
 
 
-def test_cli_serve_prints_its_url_and_serves_the_run(mc_dropout_run, tmp_path):
+def test_cli_serve_prints_its_url_and_serves_the_run_under_the_token_of_its_file(
+    mc_dropout_run, tmp_path_factory
+):
+    where = tmp_path_factory.mktemp("serve_cwd")
+    token_file = tmp_path_factory.mktemp("secrets") / "token"
+    token_file.write_text(f"{TOKEN}\n")
     with socket.socket() as probe:  # a free port for the subprocess (closed again below)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "cxrfusion.cli", "serve", "--run", str(mc_dropout_run)]
-    command += ["--port", str(port), "--mc-samples", "4"]
+    command += ["--port", str(port), "--mc-samples", "4", "--token-file", str(token_file)]
+    environment = {k: v for k, v in os.environ.items() if k != "CXRFUSION_TOKEN"}
     process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        cwd=where,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -403,13 +418,28 @@ def test_cli_serve_prints_its_url_and_serves_the_run(mc_dropout_run, tmp_path):
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        assert httpx.get(f"{url}/health", timeout=5).json()["auth"] is False
-        assert httpx.get(f"{url}/model", timeout=5).json()["labels"] == list(LABELS)
+        assert httpx.get(f"{url}/health", timeout=5).json()["auth"] is True
+        assert httpx.get(f"{url}/model", timeout=5).status_code == 401
+        card = httpx.get(f"{url}/model", headers=AUTH, timeout=5).json()
+        assert card["labels"] == list(LABELS)
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert f"at {url}/" in output
-    assert list(tmp_path.iterdir()) == []  # the server wrote nothing where it ran
+    assert "warning" not in output
+    assert list(where.iterdir()) == []  # the server wrote nothing where it ran
+
+
+def test_cli_serve_warns_that_a_token_on_the_command_line_shows_in_the_process_list(
+    mc_dropout_run,
+):
+    command = [sys.executable, "-m", "cxrfusion.cli", "serve", "--run", str(mc_dropout_run)]
+    command += ["--token", TOKEN, "--queue", "0"]  # the bad queue stops it before serving
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    warning, error = result.stderr.strip().splitlines()
+    assert warning.startswith("cxrfusion serve: warning: --token is visible to other users")
+    assert "$CXRFUSION_TOKEN" in warning and "--token-file" in warning
+    assert error.startswith("cxrfusion serve: error: queue size")
 
 
 def test_cli_serve_refuses_a_bad_option_in_one_line(mc_dropout_run):

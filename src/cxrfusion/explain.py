@@ -7,6 +7,8 @@ network's attended map). The model is left exactly as it was found: train/eval f
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from cxrfusion.plotting import new_figure, save_figure
+
+# Bytes of an image's stem kept in a figure's name: with the prefix, the hash and the writer's
+# temporary name around it, well under the 255 bytes file systems allow in one name.
+MAX_STEM_BYTES = 100
 
 
 @contextmanager
@@ -126,3 +132,20 @@ def save_gradcam_figure(
     for ax in axes:
         ax.axis("off")
     return save_figure(figure, Path(path))
+
+
+def figure_name(prefix: str, source: str | Path) -> str:
+    """The file name of an image's figure, `<prefix>_<stem>.png`, short enough for any file system.
+
+    A stem over `MAX_STEM_BYTES` bytes (UTF-8) is cut, and 8 hex digits of its SHA-1 are added,
+    so that images whose long names differ only at the end keep distinct figures.
+
+    Args:
+        prefix: what comes first (e.g. the image's index, zero-padded).
+        source: the image's path or name; only its stem is used.
+    """
+    stem = os.fsencode(Path(source).stem)
+    if len(stem) > MAX_STEM_BYTES:
+        digest = hashlib.sha1(stem).hexdigest()[:8]
+        stem = stem[: MAX_STEM_BYTES - len(digest) - 1] + b"_" + digest.encode()
+    return f"{prefix}_{stem.decode('utf-8', 'ignore')}.png"

@@ -74,7 +74,7 @@ def example_figures(
     """The prediction grid and a Grad-CAM figure of the `count` most and least uncertain images."""
     # Imported here: pytorch-grad-cam is only needed when Grad-CAM figures are drawn.
     from cxrfusion.evaluation.predictions import model_input
-    from cxrfusion.explain import gradcam, save_gradcam_figure
+    from cxrfusion.explain import figure_name, gradcam, save_gradcam_figure
 
     mean = summary["mean"]
     picked = _examples(summary["uncertainty"], count)
@@ -93,6 +93,6 @@ def example_figures(
         probs = {LABELS[c]: float(mean[position, c]) for c in best}
         name = rows["Image Index"].iloc[position]
         figures[f"gradcam {name}"] = save_gradcam_figure(
-            image[0].numpy(), heatmaps, probs, out / f"gradcam_{rank}_{Path(name).stem}.png"
+            image[0].numpy(), heatmaps, probs, out / figure_name(f"gradcam_{rank}", name)
         )
     return figures

@@ -19,6 +19,7 @@ from cxrfusion.atomic import write_atomic
 from cxrfusion.data.imageio import IMAGE_SUFFIXES
 from cxrfusion.errors import CxrError
 from cxrfusion.inference.classifier import Classifier, Predictions, PreparedImage
+from cxrfusion.tables import to_csv
 
 log = logging.getLogger(__name__)
 _GLOB_CHARS = frozenset("*?[")
@@ -81,7 +82,8 @@ def predict_files(
     Writes `predictions.csv` (`Predictions.to_frame`), `predictions.json` (the model card's
     essentials, its conformal calibration when there is one, each prediction's `to_dict`, and the
     failures) and, with `gradcam`,
-    `gradcam/<n>_<name>.png` (the image and the heatmaps of its 3 most probable findings).
+    `gradcam/<n>_<name>.png` (the image and the heatmaps of its 3 most probable findings; a long
+    name is shortened by `explain.figure_name`).
 
     Args:
         classifier: the loaded model.
@@ -143,15 +145,15 @@ def _write(out: Path, classifier: Classifier, result: PredictResult, gradcam: bo
         "failed": [{"source": source, "error": reason} for source, reason in result.failures],
     }
     files = [
-        write_atomic(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g")),
+        write_atomic(out / "predictions.csv", to_csv(table)),
         write_atomic(out / "predictions.json", json.dumps(document, indent=2, allow_nan=False)),
     ]
     if gradcam:
-        from cxrfusion.explain import save_gradcam_figure
+        from cxrfusion.explain import figure_name, save_gradcam_figure
 
         for index, p in enumerate(result.predictions):
             probs = {label: float(p.probability[p.labels.index(label)]) for label in p.heatmaps}
-            name = f"{index:05d}_{Path(p.source).stem}.png"
+            name = figure_name(f"{index:05d}", p.source)
             files.append(save_gradcam_figure(p.image, p.heatmaps, probs, out / "gradcam" / name))
     log.info("predictions of %d image(s) written to %s", len(result.predictions), out)
     return files

@@ -4,18 +4,23 @@ Routes: `POST /predict` (multipart image in field `file`; `heatmap=true` adds Gr
 of the most probable pathologies as base64 PNGs, `image=true` the model's input image; the JSON is
 `Prediction.to_dict` plus `elapsed_ms`, queue wait included), `GET /model` (the model card),
 `GET /health`, and `GET /` (a web page for single studies, served from `static/`). Limits are
-declared once in `ServeSettings` and enforced at the edge: body size (413), file type (415),
-undecodable image (422), a bounded model queue (503 + Retry-After) and an optional bearer token
-(401, on /predict and /model; the page, its files and /health stay open so that a load balancer
-and a browser can reach them).
+declared once in `ServeSettings` and enforced at the edge: the Host header (400 unless one the
+server answers to, against DNS rebinding), body size (413), form parts (400), file type (415),
+undecodable image, a JPEG of too many scans or a decode over its time limit (422; decoding runs
+in child processes, `decoder.DecodePool`, never on the model thread), a bounded model queue (503 +
+Retry-After) and an optional bearer token (401, on /predict and /model; the page, its files and
+/health stay open so that a load balancer and a browser can reach them). Every answer, errors
+included, carries the same security headers.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import io
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +33,12 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from cxrfusion.data.imageio import Radiograph
+from cxrfusion.data.jpeg_guard import MAX_JPEG_SCANS, check_jpeg_scans
 from cxrfusion.errors import CxrError
+from cxrfusion.serving.decoder import DecodePool
 from cxrfusion.serving.upload import Upload, read_upload
 from cxrfusion.serving.worker import Busy, ModelWorker
 
@@ -41,11 +50,19 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 # The page loads only its own files; images arrive as data: URLs.
 _CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
+# A name or IPv4 address (optionally "*." before it), a bracketed IPv6 address, or "*".
+_HOST_PATTERN = re.compile(r"\*|(\*\.)?[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": _CSP,
+    "Cache-Control": "no-store",
+}
 
 
 @dataclass(frozen=True)
@@ -54,17 +71,29 @@ class ServeSettings:
 
     Args:
         max_upload_bytes: largest accepted image file (default 20 MB: a large detector DICOM).
-        queue_size: requests held at once, running or waiting for the model (default 16); one
-            more gets 503 with Retry-After instead of an unbounded wait.
+        queue_size: requests held at once, decoding, running or waiting for the model (default
+            16); one more gets 503 with Retry-After instead of an unbounded wait.
         token: when set, /predict and /model require `Authorization: Bearer <token>`.
         heatmaps: allow Grad-CAM heatmaps (`heatmap=true`) when the classifier's engine gives
             them (`Classifier.supports_gradcam`); they cost a backward pass each.
+        allowed_hosts: Host header values answered (Starlette's TrustedHostMiddleware
+            patterns: "example.org", "*.example.org", "*" for any); the default, loopback
+            names, suits a server bound to 127.0.0.1 and keeps DNS-rebinding pages out.
+        decode_timeout_s: seconds one upload may take to decode before its decoding process
+            is killed (default 20: a 20 MP JPEG 2000 DICOM takes ~7 s on 2 busy cores).
+        decode_workers: processes decoding uploads at once (default 2).
+        max_jpeg_scans: JPEGs with more scans are refused before decoding (default 100;
+            encoders write about 10, crafted files thousands: `data.jpeg_guard`).
     """
 
     max_upload_bytes: int = 20 * 2**20
     queue_size: int = 16
     token: str | None = None
     heatmaps: bool = True
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    decode_timeout_s: float = 20.0
+    decode_workers: int = 2
+    max_jpeg_scans: int = MAX_JPEG_SCANS
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
@@ -74,7 +103,20 @@ class ServeSettings:
         if self.queue_size < 1:
             raise CxrError(f"queue size (--queue) must be at least 1, got {self.queue_size}")
         if self.token is not None and not self.token.strip():
-            raise CxrError("token (--token) must not be empty; leave it out to serve without one")
+            raise CxrError(
+                "token ($CXRFUSION_TOKEN or --token) must not be empty; leave it out to serve "
+                "without one"
+            )
+        _check_hosts(self.allowed_hosts)
+        if not self.decode_timeout_s > 0:
+            raise CxrError(
+                "decode time limit (--decode-timeout) must be positive, "
+                f"got {self.decode_timeout_s}"
+            )
+        if self.decode_workers < 1:
+            raise CxrError(f"decode_workers must be at least 1, got {self.decode_workers}")
+        if self.max_jpeg_scans < 1:
+            raise CxrError(f"max_jpeg_scans must be at least 1, got {self.max_jpeg_scans}")
 
 
 def create_app(classifier: Classifier, settings: ServeSettings | None = None) -> FastAPI:
@@ -82,11 +124,15 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
     settings = settings or ServeSettings()
     heatmaps = settings.heatmaps and classifier.supports_gradcam
     worker = ModelWorker(settings.queue_size)
+    decoder = DecodePool(
+        settings.decode_workers, settings.decode_timeout_s, classifier.spec.cache_size
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         worker.close()
+        decoder.close()
 
     app = FastAPI(
         title="cxrfusion",
@@ -99,19 +145,23 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
         redoc_url=None,
     )
     authorized = _bearer_check(settings.token)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
 
-    @app.middleware("http")
+    @app.middleware("http")  # added last, so outermost: it also marks the Host refusals
     async def security_headers(request: Request, call_next: Any) -> Any:
         response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Content-Security-Policy"] = _CSP
-        response.headers["Cache-Control"] = "no-store"
+        response.headers.update(SECURITY_HEADERS)
         return response
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        # Answered by Starlette's outermost middleware, past `security_headers`: add them here.
         log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
+        return JSONResponse(
+            {"detail": "internal error; see the server log"},
+            status_code=500,
+            headers=SECURITY_HEADERS,
+        )
 
     @app.get("/health")
     async def health() -> dict:
@@ -135,9 +185,16 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
         if heatmap and not heatmaps:
             raise HTTPException(400, "heatmaps are disabled on this server")
         image = _flag(request, upload, "image")
+
+        async def decode() -> Radiograph:
+            check_jpeg_scans(upload.data, upload.name, settings.max_jpeg_scans)
+            return await decoder.decode(upload.name, upload.data)
+
         start = time.perf_counter()
         try:
-            result = await worker.run(lambda: _predict(classifier, upload, heatmap, image))
+            result = await worker.run(
+                lambda decoded: _predict(classifier, upload.name, decoded, heatmap, image), decode
+            )
         except Busy as busy:
             raise HTTPException(
                 503, str(busy), headers={"Retry-After": str(busy.retry_after)}
@@ -183,9 +240,27 @@ def _flag(request: Request, upload: Upload, name: str) -> bool:
     raise HTTPException(400, f"{name} must be true or false, got {value[:20]!r}")
 
 
-def _predict(classifier: Classifier, upload: Upload, heatmap: bool, image: bool) -> dict:
-    """Runs on the model thread: decode, predict, and encode the JSON-ready result."""
-    prediction = classifier.predict((upload.name, upload.data), gradcam=heatmap)
+def _check_hosts(hosts: tuple[str, ...]) -> None:
+    """Host patterns as TrustedHostMiddleware takes them: names, "*.domain" or "*"."""
+    if not hosts:
+        raise CxrError("allowed hosts (--allowed-hosts) must name at least one host, or '*'")
+    for host in hosts:
+        if not _HOST_PATTERN.fullmatch(host):
+            raise CxrError(
+                f"allowed host (--allowed-hosts) {host!r}: give a host name or address without "
+                "scheme or port, '*.domain', or '*'"
+            )
+
+
+def _predict(
+    classifier: Classifier, name: str, decoded: Radiograph, heatmap: bool, image: bool
+) -> dict:
+    """Runs on the model thread: predict a decoded upload and encode the JSON-ready result."""
+    prepared = classifier.prepare(decoded.pixels, name=name)
+    warning = "; ".join(filter(None, [decoded.warning, prepared.warning]))
+    [prediction] = classifier.predict_prepared(
+        [dataclasses.replace(prepared, warning=warning)], gradcam=heatmap
+    )
     result = prediction.to_dict(heatmap_png=heatmap)
     if image:
         result["image"] = _png_base64(prediction.image)
