@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 import torch
@@ -26,7 +27,7 @@ from cxrfusion.data.dataset import split_datasets
 from cxrfusion.data.imageio import read_resized
 from cxrfusion.data.transforms import normalize
 from cxrfusion.errors import CxrError
-from cxrfusion.inference import onnx_engine
+from cxrfusion.inference import onnx_engine, quantize
 from cxrfusion.inference.export import export_model, export_run, parity_images
 from cxrfusion.inference.onnx_engine import OnnxEngine
 from cxrfusion.inference.runs import load_run
@@ -341,3 +342,85 @@ def test_export_refuses_an_opset_the_exporter_cannot_write(tmp_path):
     with pytest.raises(CxrError, match="--opset 12"):
         export_model(model, tmp_path / "export", {}, x, opset=12)
     assert not (tmp_path / "export").exists()
+
+
+@pytest.fixture(scope="module")
+def int8_export(exported_run) -> tuple[Path, str]:
+    """The trained run exported with `--quantize int8` through the CLI: (folder, what it printed)."""
+    run, _, _ = exported_run
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert (
+            main(["export", "--run", str(run), "--out", str(run / "int8"), "--quantize", "int8"])
+            == 0
+        )
+    return run / "int8", out.getvalue()
+
+
+def test_int8_export_writes_a_quantised_features_graph_and_records_its_check(int8_export):
+    folder, printed = int8_export
+    assert "INT8 vs FP32 on" in printed and "largest probability difference" in printed
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "features.int8.onnx",
+        "head.onnx",
+        "model.json",
+    ]
+    metadata = json.loads((folder / "model.json").read_text())
+    assert metadata["files"]["features"] == "features.int8.onnx"
+    entry = metadata["quantization"]
+    assert entry["type"] == "int8" and entry["passed"] and not entry["forced"]
+    check = entry["check"]
+    assert check["source"].startswith("validation images of ") and check["images"] > 100
+    assert check["auc_difference"] <= check["tolerance"] == quantize.AUC_TOLERANCE
+    assert 0 < check["max_probability_difference"] < 0.2
+    assert entry["bytes"]["int8"] < entry["bytes"]["fp32"] / 2
+    graph = onnx.load(folder / "features.int8.onnx")
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(weights) >= 10  # the convolutions' weights are stored as int8
+
+
+def test_classifier_on_an_int8_export_stays_within_the_checked_difference(
+    exported_run, int8_export
+):
+    run, fp32_folder, _ = exported_run
+    folder, _ = int8_export
+    int8 = Classifier.load(folder, engine="onnx")
+    fp32 = Classifier.load(fp32_folder, engine="onnx")
+    checked = int8.card()["quantization"]["check"]
+    data = quantize.check_images(run, TrainConfig.from_yaml(run / "config.yaml"))
+    x = int8.model_input(data.images)
+    difference = np.abs(expit(int8.engine.logits(x)) - expit(fp32.engine.logits(x))).max()
+    assert 0 < difference <= checked["max_probability_difference"] + 1e-6
+    assert "quantization" not in fp32.card()
+    prediction = int8.predict(next(iter(data.images)))
+    assert prediction.std.max() > 0  # the FP32 head still samples MC dropout
+
+
+def test_an_int8_graph_beyond_the_auc_tolerance_is_refused_unless_forced(
+    exported_run, tmp_path, monkeypatch
+):
+    """A negative tolerance fails every check, whatever the AUC difference is."""
+    run, _, _ = exported_run
+    monkeypatch.setattr(quantize, "AUC_TOLERANCE", -1.0)
+    with pytest.raises(CxrError, match="beyond the tolerance; nothing was written"):
+        export_run(run, tmp_path / "export", quantize="int8")
+    assert list(tmp_path.iterdir()) == []
+
+    entry = export_run(run, tmp_path / "export", quantize="int8", force=True).metadata
+    written = json.loads((tmp_path / "export" / "model.json").read_text())["quantization"]
+    assert written == entry["quantization"]
+    assert written["forced"] and not written["passed"] and written["check"]["tolerance"] == -1.0
+    assert written["check"]["auc_difference"] >= 0
+    assert Classifier.load(tmp_path / "export", engine="onnx").card()["quantization"]["forced"]
+
+
+def test_int8_is_checked_on_labelled_phantoms_when_the_cache_is_away(mc_dropout_run, tmp_path):
+    config = TrainConfig.from_yaml(mc_dropout_run / "config.yaml")
+    elsewhere = dataclasses.replace(config, prepared=str(tmp_path / "moved"))
+    data = quantize.check_images(mc_dropout_run, elsewhere, phantoms=40)
+    assert data.source == "built-in phantom radiographs"
+    assert data.images.shape == (40, SIZE, SIZE) and data.images.dtype == np.uint8
+    assert data.labels.shape == (40, len(LABELS))
+    assert (data.labels.sum(axis=0) > 0).all() and (data.labels.sum(axis=0) < 40).all()

@@ -9,7 +9,8 @@ once per image, `head.onnx` once on T stacked copies of its output.
     report = export_run("runs/fusion", "runs/fusion/export")   # checked against PyTorch
 
 Nothing is written unless ONNX Runtime reproduces PyTorch within `TOLERANCE`: the export goes to
-a temporary folder that is renamed into place only after the check.
+a temporary folder that is renamed into place only after the check. With `quantize="int8"` the
+features graph is then quantised and checked against FP32 (`quantize.quantize_export`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ from cxrfusion.data.transforms import normalize, preprocess
 from cxrfusion.errors import CxrError
 from cxrfusion.inference.masked_head import MaskedHead
 from cxrfusion.inference.onnx_engine import FORMAT_VERSION, MODEL_JSON, draw_masks
+from cxrfusion.inference.quantize import (
+    FEATURES_INT8,
+    LabelledImages,
+    check_images,
+    quantize_export,
+)
 from cxrfusion.labels import LABELS
 from cxrfusion.training.config import TrainConfig
 
@@ -49,6 +56,7 @@ OPSET = 17
 OPSETS = range(14, 21)
 TOLERANCE = 1e-4  # max abs difference of features and logits, ONNX Runtime vs PyTorch
 FEATURES_ONNX = "features.onnx"
+QUANTIZATIONS = ("int8",)
 HEAD_ONNX = "head.onnx"
 
 
@@ -76,6 +84,8 @@ def export_model(
     opset: int = OPSET,
     tolerance: float = TOLERANCE,
     source: str = "sample images",
+    int8: LabelledImages | None = None,
+    force: bool = False,
 ) -> ExportReport:
     """Export a cxrfusion model as features.onnx + head.onnx + model.json, checked on `sample`.
 
@@ -91,10 +101,14 @@ def export_model(
         opset: ONNX opset version.
         tolerance: the largest absolute difference accepted between ONNX Runtime and PyTorch.
         source: what the sample images are, for messages and model.json.
+        int8: labelled images at the input size to quantise the features graph to INT8 with
+            (calibration and check); None keeps FP32.
+        force: keep an INT8 graph that fails its check.
 
     Raises:
-        CxrError: the out folder is taken, or ONNX Runtime differs from PyTorch by more than
-            `tolerance` (nothing is written then).
+        CxrError: the out folder is taken, ONNX Runtime differs from PyTorch by more than
+            `tolerance`, or the INT8 graph fails its check without `force` (nothing is written
+            then).
     """
     out = Path(out)
     if opset not in OPSETS:
@@ -115,6 +129,13 @@ def export_model(
                 f"{out}: ONNX Runtime differs from PyTorch by {worst:.2e} > {tolerance:g} "
                 f"on {source} ({detail}); nothing was written"
             )
+        files = {"features": FEATURES_ONNX, "head": HEAD_ONNX}
+        quantization = None
+        if int8 is not None:
+            quantization = quantize_export(
+                tmp / FEATURES_ONNX, tmp / HEAD_ONNX, int8, model.mean, model.std, force
+            )
+            files["features"] = FEATURES_INT8
         metadata = {
             **metadata,
             "format": FORMAT_VERSION,
@@ -122,7 +143,8 @@ def export_model(
             "normalization": {"mean": list(model.mean), "std": list(model.std)},
             "num_features": model.num_features,
             "dropout": [asdict(layer) for layer in head.layers],
-            "files": {"features": FEATURES_ONNX, "head": HEAD_ONNX},
+            "files": files,
+            "quantization": quantization,
             "opset": opset,
             "parity": {
                 "max_abs_diff": diffs,
@@ -253,17 +275,30 @@ def _versions() -> dict[str, str]:
     }
 
 
-def export_run(run: Path | str, out: Path | str | None = None, opset: int = OPSET) -> ExportReport:
+def export_run(
+    run: Path | str,
+    out: Path | str | None = None,
+    opset: int = OPSET,
+    quantize: str | None = None,
+    force: bool = False,
+) -> ExportReport:
     """Export a trained run directory (its best.ckpt) for ONNX Runtime; see `export_model`.
 
-    The parity check runs on `parity_images`: images like those the model was trained on.
+    The parity check runs on `parity_images`: images like those the model was trained on; an
+    INT8 graph is calibrated and checked on `check_images`, the run's validation split.
 
     Args:
         run: a run directory written by `cxrfusion train`, or a checkpoint in one.
         out: export folder (default `<run>/export`, where `Classifier.load(run, engine="onnx")`
             looks).
         opset: ONNX opset version.
+        quantize: "int8" for an INT8 features graph, None for FP32.
+        force: keep an INT8 graph whose macro AUC is beyond the tolerance of FP32's.
     """
+    if quantize not in (None, *QUANTIZATIONS):
+        raise CxrError(f"--quantize {quantize}: choose {', '.join(QUANTIZATIONS)}")
+    if force and quantize is None:
+        raise CxrError("--force keeps an INT8 graph that failed its check: use it with --quantize")
     from cxrfusion.inference.runs import load_run, run_card, run_threshold
     from cxrfusion.stats.conformal import load_calibration
     from cxrfusion.stats.temperature import read_temperature
@@ -273,6 +308,7 @@ def export_run(run: Path | str, out: Path | str | None = None, opset: int = OPSE
     model = module.model
     run = run if run.is_dir() else run.parent  # a checkpoint: its run directory
     images, source = parity_images(run, config)
+    int8 = None if quantize is None else check_images(run, config)
     sample = normalize(torch.from_numpy(images)[:, None], model.mean, model.std)
     temperatures = read_temperature(run)
     calibration = load_calibration(run)
@@ -288,7 +324,9 @@ def export_run(run: Path | str, out: Path | str | None = None, opset: int = OPSE
         "card": run_card(run),
         "run": str(run.resolve()),
     }
-    return export_model(model, out or run / "export", metadata, sample, opset, source=source)
+    return export_model(
+        model, out or run / "export", metadata, sample, opset, source=source, int8=int8, force=force
+    )
 
 
 def parity_images(run: Path, config: TrainConfig, count: int = 4) -> tuple[np.ndarray, str]:

@@ -187,6 +187,13 @@ def _warn_if_stale(folder: Path) -> None:
             )
 
 
+def _card(metadata: dict) -> dict:
+    """The run's model card, plus the quantisation of an INT8 export (what it was checked on)."""
+    card = metadata.get("card", {})
+    quantization = metadata.get("quantization")
+    return card if quantization is None else {**card, "quantization": quantization}
+
+
 def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelSpec]:
     """The engine and spec of an export, for `Classifier.load(path, engine="onnx")`.
 
@@ -212,7 +219,7 @@ def load_onnx(path: Path, device: str | None = None) -> tuple[OnnxEngine, ModelS
         temperatures=None
         if temperatures is None
         else np.array([temperatures[k] for k in engine.labels]),
-        details=meta.get("card", {}),
+        details=_card(meta),
         calibration=None
         if calibration is None
         else calibration_from_dict(calibration, engine.folder / MODEL_JSON),
