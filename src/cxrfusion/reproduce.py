@@ -71,7 +71,7 @@ class ReproduceOptions:
         seed: seed of the split, training, dropout masks and bootstrap.
     """
 
-    split: str = PrepareOptions.split
+    split: str = "iterative"  # the report's protocol, whatever prepare's default
     models: tuple[str, ...] = REPORT_MODELS
     patient_fraction: float = PrepareOptions.patient_fraction
     cache_size: int = TrainConfig.cache_size
