@@ -25,7 +25,6 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from cxrfusion.data.dicom_image import check_dicom, read_dicom
-from cxrfusion.data.jpeg_guard import check_jpeg_scans
 from cxrfusion.data.pixels import MAX_PIXELS, Source, check_size, minmax_to_uint8, one_line
 from cxrfusion.errors import CxrError
 
@@ -188,7 +187,6 @@ def _decode(source: Source, label: Path | str, dicom: bool) -> Radiograph:
     if dicom:
         pixels, warning = read_dicom(source, label)
         return Radiograph(pixels, warning)
-    check_jpeg_scans(source, label)  # a progressive JPEG of thousands of scans decodes for hours
     return Radiograph(np.array(_read_pil(source, label)))
 
 
