@@ -15,7 +15,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="per-class AUC with CIs, MC dropout, calibration, Grad-CAM, report.html",
         description="Evaluate a trained run on one split: predictions.csv (mean and std per "
         "pathology, uncertainty, review flag), metrics.json (per-class and macro ROC-AUC with "
-        "patient-bootstrap 95 %% CIs, AUPRC, sensitivity and specificity at thresholds chosen on "
+        "patient-bootstrap 95 % CIs, AUPRC, sensitivity and specificity at thresholds chosen on "
         "validation, subgroup AUCs by sex, age band and view, ECE, Brier, referral curve), "
         "figures and a self-contained report.html, written into a temporary folder renamed into "
         "place when complete.",
@@ -113,8 +113,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         boxes=args.boxes,
         prepared=None if args.prepared is None else str(args.prepared),
     )
-    if args.prepared is not None and not (args.prepared / "split.csv").is_file():
-        raise CxrError(f"{args.prepared}: no split.csv: not a prepared folder (--prepared)")
+    if args.prepared is not None:
+        _check_prepared(args.prepared)
     out = evaluate(run, args.out, options)
     metrics = json.loads((out / "metrics.json").read_text())
     macro = metrics["auc"]["macro"]
@@ -244,3 +244,79 @@ def _compare(args: argparse.Namespace) -> None:
     print(files[0].read_text())
     print(f"reference: {result.reference}; p: patient-clustered DeLong, Holm-corrected")
     print("wrote " + ", ".join(str(f) for f in files))
+
+
+def add_external(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "external",
+        help="external validation: a run on its own test split and on another data set, side by side",
+        description="Put a run's internal test results beside its results on another prepared "
+        "data set (`cxrfusion prepare --data chexpert:...` etc.), per finding both report: "
+        "prevalence, ROC-AUC with patient-bootstrap 95 % CIs, the AUC difference (external - "
+        "internal) with its CI, sensitivity and specificity at the thresholds chosen on the run's "
+        "own validation split, and ECE. Both sides are evaluate folders (eval_<split> and "
+        "external_<name>_<split>), made with the options below when missing. Writes "
+        "external.md, external.csv, external.html and forest.png, and says so when the "
+        "external data shares images or patients with the run's training source.",
+        epilog="example: cxrfusion external --run runs/fusion --prepared data/chexpert_prepared",
+    )
+    p.add_argument("--run", type=Path, required=True, help="run directory (uses its best.ckpt)")
+    p.add_argument(
+        "--prepared", type=Path, required=True, help="the other data set's prepared folder"
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "val", "train", "all"),
+        default="test",
+        help="its split to score (default test; all: every image, e.g. a test-only data set)",
+    )
+    p.add_argument(
+        "--internal-split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="the run's own split to compare against (default test)",
+    )
+    p.add_argument("--mc-samples", type=int, default=25, help="MC-dropout passes T (default 25)")
+    p.add_argument(
+        "--mc-mode", choices=("head", "full"), default="head", help="as in evaluate (default head)"
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="patient-bootstrap resamples (default 1000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of dropout masks and bootstrap")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pass (default 64)")
+    p.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="evaluate both sides anew (default: reuse evaluations made with the same options)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="output folder (default <run>/external_<name>_<split>/vs_internal)"
+    )
+    p.set_defaults(func=_external)
+
+
+def _external(args: argparse.Namespace) -> None:
+    if not args.run.exists():
+        raise CxrError(f"{args.run}: no such run directory")
+    _check_prepared(args.prepared)
+    from cxrfusion.evaluation.external import ExternalOptions, external_validation
+
+    options = ExternalOptions(
+        split=args.split,
+        internal_split=args.internal_split,
+        mc_samples=args.mc_samples,
+        mc_mode=args.mc_mode,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        bootstrap=args.bootstrap,
+        reevaluate=args.reevaluate,
+    )
+    out = external_validation(args.run, args.prepared, args.out, options)
+    print((out / "external.md").read_text())
+    print(f"wrote {out / 'external.md'}, external.csv, external.html, forest.png")
+
+
+def _check_prepared(folder: Path) -> None:
+    if not (folder / "split.csv").is_file():
+        raise CxrError(f"{folder}: no split.csv: not a prepared folder (--prepared)")

@@ -20,18 +20,15 @@ import pandas as pd
 from cxrfusion.atomic import atomic_path, write_atomic
 from cxrfusion.errors import CxrError
 from cxrfusion.evaluation.expert_labels import expert_comparison
+from cxrfusion.evaluation.predictions import PATIENT, PREDICTIONS, TRUE_COLUMNS, read_predictions
 from cxrfusion.evaluation.report import Section, render_html, render_markdown
 from cxrfusion.labels import LABELS
 from cxrfusion.stats.delong import clustered_delong_test, holm
 from cxrfusion.stats.metrics import macro_auc, per_class_auc
-from cxrfusion.tables import read_csv
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions.csv"
 MACRO = "Macro"
-TRUE_COLUMNS = [f"true_{label}" for label in LABELS]
-PATIENT = "Patient ID"
 
 
 @dataclass(frozen=True)
@@ -70,40 +67,12 @@ def _default_name(eval_dir: Path) -> str:
     return eval_dir.parent.name if eval_dir.name.startswith("eval") else eval_dir.name
 
 
-def _read_predictions(eval_dir: Path) -> pd.DataFrame:
-    """A run's predictions indexed by image, checked for what a comparison needs."""
-    path = Path(eval_dir) / PREDICTIONS
-    if not path.is_file():
-        raise CxrError(f"{path}: missing; run `cxrfusion evaluate` for this run first")
-    frame = read_csv(path, "evaluate's predictions")
-    needed = ["Image Index", PATIENT, *LABELS, *TRUE_COLUMNS]
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise CxrError(f"{path}: missing columns {', '.join(missing)}")
-    if frame.empty:
-        raise CxrError(f"{path}: no rows")
-    if frame["Image Index"].isna().any() or frame["Image Index"].duplicated().any():
-        raise CxrError(f"{path}: 'Image Index' is empty or repeated in some rows")
-    if frame[PATIENT].isna().any():
-        raise CxrError(f"{path}: an empty value in the patient column")
-    values = frame[[*LABELS, *TRUE_COLUMNS]].apply(pd.to_numeric, errors="coerce")
-    if not np.isfinite(values[list(LABELS)].to_numpy(dtype=float)).all():
-        raise CxrError(f"{path}: a non-numeric or empty value in the score columns")
-    truth = values[TRUE_COLUMNS]
-    # Empty truth is an unknown label (the dataset does not report that finding).
-    if not (truth.isin((0, 1)) | truth.isna()).all().all():
-        raise CxrError(f"{path}: the true_<label> columns must hold only 0, 1 or empty")
-    frame[values.columns] = values
-    frame[PATIENT] = frame[PATIENT].astype(str)
-    return frame.set_index("Image Index")
-
-
 def _aligned(eval_dirs: Sequence[Path]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Truth (N, 14), each run's probabilities (N, 14) and the patient of each image (N,).
 
     Rows follow the first run's image order.
     """
-    frames = [_read_predictions(d) for d in eval_dirs]
+    frames = [read_predictions(d) for d in eval_dirs]
     first = frames[0]
     for eval_dir, frame in zip(eval_dirs[1:], frames[1:], strict=True):
         path = Path(eval_dir) / PREDICTIONS

@@ -220,3 +220,34 @@ def plot_referral_curve(curve: dict, path: Path) -> Path:
     ax.set_title("Referral: AUC on the images the model keeps")
     ax.legend(loc="best")  # clear of the curve, whichever way it goes
     return save_figure(figure, path)
+
+
+def plot_forest(table: dict[str, np.ndarray], names: Sequence[str], path: Path) -> Path:
+    """AUC with its interval on two data sets, one row per finding: a forest plot.
+
+    Args:
+        table: (R,) arrays `auc_a`, `ci_low_a`, `ci_high_a`, `auc_b`, `ci_low_b`, `ci_high_b`
+            (NaN where undefined), one entry per row, top row first.
+        names: the R row names, then the two sets' names (R + 2 strings).
+        path: PNG file to write.
+    """
+    rows, (name_a, name_b) = list(names[:-2]), names[-2:]
+    y = np.arange(len(rows))[::-1].astype(float)
+    figure = new_figure((7.0, 0.42 * len(rows) + 1.4))
+    ax = figure.subplots()
+    for side, name, colour, shift, marker in (
+        ("a", name_a, BLUE, 0.14, "o"),
+        ("b", name_b, VERMILLION, -0.14, "s"),
+    ):
+        auc = table[f"auc_{side}"]
+        low, high = table[f"ci_low_{side}"], table[f"ci_high_{side}"]
+        errors = np.vstack([auc - low, high - auc])
+        ax.errorbar(auc, y + shift, xerr=np.nan_to_num(errors), fmt=marker, color=colour,
+                    markersize=5, capsize=2, linewidth=1.2, label=name)  # fmt: skip
+    ax.axvline(0.5, color=GREY, linestyle="--", linewidth=0.8)
+    ax.set(yticks=y, ylim=(-0.7, len(rows) - 0.3), xlabel="ROC-AUC (95 % patient-bootstrap CI)")
+    ax.set_yticklabels(rows, fontsize=9)
+    ax.set_xlim(min(0.4, float(np.nanmin([table["ci_low_a"], table["ci_low_b"]]) - 0.02)), 1.0)
+    ax.grid(axis="x", color="#e0e0e0", linewidth=0.6)
+    ax.legend(loc="lower left", fontsize=8, frameon=False)
+    return save_figure(figure, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -10,10 +12,16 @@ from tqdm import tqdm
 
 from cxrfusion.data.dataset import CachedXrayDataset
 from cxrfusion.data.transforms import normalize
+from cxrfusion.errors import CxrError
 from cxrfusion.labels import LABELS
 from cxrfusion.models import CxrModel
 from cxrfusion.models.mc_dropout import mc_dropout_logits
 from cxrfusion.stats.uncertainty import flag
+from cxrfusion.tables import read_csv
+
+PREDICTIONS = "predictions.csv"
+PATIENT = "Patient ID"
+TRUE_COLUMNS = [f"true_{label}" for label in LABELS]
 
 
 def model_input(model: CxrModel, images: torch.Tensor) -> torch.Tensor:
@@ -76,3 +84,31 @@ def predictions_table(
         }
     )
     return pd.concat([table, means, stds, extra, truth], axis=1)
+
+
+def read_predictions(eval_dir: Path) -> pd.DataFrame:
+    """An evaluation's predictions.csv indexed by image, checked for what a comparison needs."""
+    path = Path(eval_dir) / PREDICTIONS
+    if not path.is_file():
+        raise CxrError(f"{path}: missing; run `cxrfusion evaluate` for this run first")
+    frame = read_csv(path, "evaluate's predictions")
+    needed = ["Image Index", PATIENT, *LABELS, *TRUE_COLUMNS]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise CxrError(f"{path}: missing columns {', '.join(missing)}")
+    if frame.empty:
+        raise CxrError(f"{path}: no rows")
+    if frame["Image Index"].isna().any() or frame["Image Index"].duplicated().any():
+        raise CxrError(f"{path}: 'Image Index' is empty or repeated in some rows")
+    if frame[PATIENT].isna().any():
+        raise CxrError(f"{path}: an empty value in the patient column")
+    values = frame[[*LABELS, *TRUE_COLUMNS]].apply(pd.to_numeric, errors="coerce")
+    if not np.isfinite(values[list(LABELS)].to_numpy(dtype=float)).all():
+        raise CxrError(f"{path}: a non-numeric or empty value in the score columns")
+    truth = values[TRUE_COLUMNS]
+    # Empty truth is an unknown label (the dataset does not report that finding).
+    if not (truth.isin((0, 1)) | truth.isna()).all().all():
+        raise CxrError(f"{path}: the true_<label> columns must hold only 0, 1 or empty")
+    frame[values.columns] = values
+    frame[PATIENT] = frame[PATIENT].astype(str)
+    return frame.set_index("Image Index")

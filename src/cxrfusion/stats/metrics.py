@@ -162,25 +162,11 @@ def bootstrap_auc_ci(
         class), `macro_auc`, `macro_ci_low`, `macro_ci_high`, `macro_n_valid`, `n_images`,
         `n_patients`, `n_resamples`, `level`, `seed`. Undefined values are NaN.
     """
-    y, p = _check_scores(y_true, y_prob)
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    scores = _SortedScores(y, p)
-    point = scores.auc(np.ones(len(y)))
+    point, replicates = bootstrap_auc_replicates(y_true, y_prob, groups, n_resamples, seed)
     defined = ~np.isnan(point)
-    started = time.perf_counter()
-    replicates = np.array(
-        [scores.auc(w) for w in _patient_draws(groups, len(y), n_resamples, seed)]
-    )
-    n_patients = len(np.unique(groups))
-    logger.debug(
-        "bootstrap: %d resamples of %d patients in %.2f s",
-        n_resamples,
-        n_patients,
-        time.perf_counter() - started,
-    )
-
-    columns = [_percentile_interval(replicates[:, c], level) for c in range(y.shape[1])]
+    columns = [_percentile_interval(replicates[:, c], level) for c in range(point.size)]
     # All-defined classes only: a NaN in any of them makes the resample's mean NaN (skipped).
     macro_low, macro_high, macro_valid = _percentile_interval(
         replicates[:, defined].mean(axis=1) if defined.any() else np.full(n_resamples, np.nan),
@@ -195,12 +181,34 @@ def bootstrap_auc_ci(
         "macro_ci_low": macro_low,
         "macro_ci_high": macro_high,
         "macro_n_valid": macro_valid,
-        "n_images": len(y),
-        "n_patients": n_patients,
+        "n_images": int(np.asarray(groups).size),
+        "n_patients": len(np.unique(groups)),
         "n_resamples": n_resamples,
         "level": level,
         "seed": seed,
     }
+
+
+def bootstrap_auc_replicates(
+    y_true: np.ndarray, y_prob: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class AUC (C,) and its patient-bootstrap replicates (n_resamples, C), NaN where undefined.
+
+    Args: as in `bootstrap_auc_ci`.
+    """
+    y, p = _check_scores(y_true, y_prob)
+    scores = _SortedScores(y, p)
+    started = time.perf_counter()
+    replicates = np.array(
+        [scores.auc(w) for w in _patient_draws(groups, len(y), n_resamples, seed)]
+    )
+    logger.debug(
+        "bootstrap: %d resamples of %d images in %.2f s",
+        n_resamples,
+        len(y),
+        time.perf_counter() - started,
+    )
+    return scores.auc(np.ones(len(y))), replicates
 
 
 def _patient_draws(
@@ -273,6 +281,64 @@ def paired_bootstrap_auc_difference(
         "n_valid": n_valid,
         "n_resamples": n_resamples,
     }
+
+
+def unpaired_bootstrap_auc_difference(
+    a: tuple[np.ndarray, np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray, np.ndarray],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """Per-class AUC on two independent sets of patients and AUC(B) - AUC(A), with intervals.
+
+    For one model scored on different patients (internal vs external test data): each set is
+    resampled by patient on its own (A with `seed`, so its intervals equal `bootstrap_auc_ci`'s,
+    B with `seed + 1`), and the difference's interval is the percentile interval of the
+    replicates' differences. The macro values average the classes defined in both sets.
+
+    Args:
+        a, b: (y_true, y_prob, groups) of each set, as in `bootstrap_auc_ci`, with the same C.
+        n_resamples, seed, level: as in `bootstrap_auc_ci`.
+
+    Returns:
+        dict of (C,) arrays `auc_a`, `ci_low_a`, `ci_high_a`, `auc_b`, `ci_low_b`, `ci_high_b`,
+        `difference`, `ci_low`, `ci_high`, `n_valid` (resamples in which both sides were
+        defined), the bool array `in_macro`, and floats `macro_a`, `macro_b`,
+        `macro_difference`, with intervals `macro_ci_low[_a|_b]`, `macro_ci_high[_a|_b]`
+        (the difference's without suffix); NaN where undefined.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if np.shape(a[1])[1:] != np.shape(b[1])[1:]:
+        raise ValueError(f"the two sets have different classes: {np.shape(a[1])}, {np.shape(b[1])}")
+    point_a, reps_a = bootstrap_auc_replicates(*a, n_resamples=n_resamples, seed=seed)
+    point_b, reps_b = bootstrap_auc_replicates(*b, n_resamples=n_resamples, seed=seed + 1)
+    out: dict = {"auc_a": point_a, "auc_b": point_b, "difference": point_b - point_a}
+    for side, reps in (("a", reps_a), ("b", reps_b)):
+        intervals = [_percentile_interval(reps[:, c], level) for c in range(point_a.size)]
+        out[f"ci_low_{side}"] = np.array([i[0] for i in intervals])
+        out[f"ci_high_{side}"] = np.array([i[1] for i in intervals])
+    differences = reps_b - reps_a
+    intervals = [_percentile_interval(differences[:, c], level) for c in range(point_a.size)]
+    out["ci_low"] = np.array([i[0] for i in intervals])
+    out["ci_high"] = np.array([i[1] for i in intervals])
+    out["n_valid"] = np.array([i[2] for i in intervals])
+    both = ~np.isnan(point_a) & ~np.isnan(point_b)
+    out["in_macro"] = both
+    for suffix, point, reps in (
+        ("_a", point_a, reps_a),
+        ("_b", point_b, reps_b),
+        ("", None, differences),
+    ):
+        macro_reps = reps[:, both].mean(axis=1) if both.any() else np.full(n_resamples, np.nan)
+        out[f"macro_ci_low{suffix}"], out[f"macro_ci_high{suffix}"], _ = _percentile_interval(
+            macro_reps, level
+        )
+        if point is not None:
+            out[f"macro{suffix}"] = macro_auc(point[both])
+    out["macro_difference"] = out["macro_b"] - out["macro_a"]
+    return out
 
 
 def roc_curve_points(
