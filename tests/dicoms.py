@@ -91,3 +91,27 @@ def dicom_bytes(dataset: pydicom.Dataset) -> bytes:
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+FRONTAL_NIH = ("00000013_019.png", "00000001_000.png")  # PA views in ../shared's NIH sample
+
+
+def pacs_sources(images: Path) -> dict[str, pydicom.Dataset]:
+    """What a PACS test sends: two frontal DX radiographs from real NIH pixels (frontal0,
+    frontal1) and three decoys the rules must skip: a lateral, a CT and a Basic Text SR."""
+    from PIL import Image
+
+    def pixels(name: str) -> np.ndarray:
+        return np.asarray(Image.open(images / name).convert("L"))
+
+    sources = {
+        f"frontal{i}": chest_dx(pixels(name), patient=f"P{i}") for i, name in enumerate(FRONTAL_NIH)
+    }
+    first = pixels(FRONTAL_NIH[0])
+    sources["lateral"] = chest_dx(first, patient="P7", ViewPosition="LL")
+    sources["ct"] = chest_dx(first, patient="P8", Modality="CT", SOPClassUID=CT_IMAGE)
+    report = chest_dx(first, patient="P9", Modality="SR", SOPClassUID=BASIC_TEXT_SR)
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored"):
+        delattr(report, keyword)
+    sources["sr"] = report
+    return sources

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
 
 PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
 USER, PASSWORD = "cxr", "test-secret"
@@ -35,6 +36,21 @@ class Orthanc:
         response = requests.get(f"{self.url}{path}", auth=(USER, PASSWORD), timeout=30)
         response.raise_for_status()
         return response
+
+    def post(self, path: str, body: dict) -> requests.Response:
+        response = requests.post(f"{self.url}{path}", json=body, auth=(USER, PASSWORD), timeout=120)
+        response.raise_for_status()
+        return response
+
+    def store_to(self, modality: str, ids: list[str]) -> None:
+        """C-STORE instances (Orthanc ids) to a configured modality; returns once sent."""
+        self.post(f"/modalities/{modality}/store", {"Resources": ids, "Synchronous": True})
+
+    def client(self) -> DICOMwebClient:
+        """A DICOMweb client with the test user."""
+        client = DICOMwebClient(self.dicomweb)
+        client._session.auth = (USER, PASSWORD)
+        return client
 
     def upload(self, data: bytes) -> str:
         response = requests.post(
@@ -113,3 +129,28 @@ def running_orthanc(folder: Path, modalities: dict | None = None) -> Iterator[Or
             process.kill()
             process.wait()
         log.close()
+
+
+def study_modalities(client: DICOMwebClient, study_uid: str) -> list[str]:
+    """The sorted modalities of a study's instances (QIDO-RS)."""
+    found = client.search_for_instances(study_instance_uid=study_uid, fields=["00080060"])
+    return sorted(item["00080060"]["Value"][0] for item in found)
+
+
+def sr_probabilities(client: DICOMwebClient, study_uid: str) -> tuple[object, dict[str, float]]:
+    """The study's one SR, read by highdicom, and its mean probability per tracking identifier
+    (the pathology groups, in order)."""
+    import highdicom as hd
+
+    from cxrfusion.dicom import codes
+
+    [item] = client.search_for_instances(study_uid, search_filters={"Modality": "SR"})
+    series, sop = item["0020000E"]["Value"][0], item["00080018"]["Value"][0]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(client.retrieve_instance(study_uid, series, sop))
+    means = {}
+    for group in sr.content.get_image_measurement_groups()[:-1]:  # the last: the whole image
+        [mean] = [
+            m for m in group.get_measurements(codes.PROBABILITY) if m.derivation == codes.MEAN
+        ]
+        means[group.tracking_identifier] = mean.value
+    return sr, means

@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import json
 
-import highdicom as hd
 import numpy as np
 import pytest
-from dicoms import BASIC_TEXT_SR, CT_IMAGE, chest_dx, dicom_bytes
-from dicomweb_client.api import DICOMwebClient
-from orthanc import PASSWORD, USER, running_orthanc
-from PIL import Image
+from dicoms import dicom_bytes, pacs_sources
+from orthanc import PASSWORD, USER, running_orthanc, sr_probabilities, study_modalities
 
 from cxrfusion import Classifier
 from cxrfusion.cli import main
-from cxrfusion.dicom import codes
-
-FRONTAL = ("00000013_019.png", "00000001_000.png")
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +20,7 @@ def pacs(mc_dropout_run, nih_sample, tmp_path_factory):
     """Orthanc holding two frontal DX radiographs and three decoys, polled once."""
     folder = tmp_path_factory.mktemp("pacs")
     with running_orthanc(folder) as server:
-        sources = {}
-        for i, name in enumerate(FRONTAL):
-            pixels = np.asarray(Image.open(nih_sample / "images" / name).convert("L"))
-            sources[f"frontal{i}"] = chest_dx(pixels, patient=f"P{i}")
-        pixels = np.asarray(Image.open(nih_sample / "images" / FRONTAL[0]).convert("L"))
-        sources["lateral"] = chest_dx(pixels, patient="P7", ViewPosition="LL")
-        sources["ct"] = chest_dx(pixels, patient="P8", Modality="CT", SOPClassUID=CT_IMAGE)
-        report = chest_dx(pixels, patient="P9", Modality="SR", SOPClassUID=BASIC_TEXT_SR)
-        for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored"):
-            delattr(report, keyword)
-        sources["sr"] = report
+        sources = pacs_sources(nih_sample / "images")
         ids = {key: server.upload(dicom_bytes(ds)) for key, ds in sources.items()}
         before = {key: server.get(f"/instances/{i}/file").content for key, i in ids.items()}
         files = {}
@@ -47,11 +31,9 @@ def pacs(mc_dropout_run, nih_sample, tmp_path_factory):
         args = ["pacs", "poll", "--run", str(mc_dropout_run), "--dicomweb", server.dicomweb]
         args += ["--user", USER, "--password", PASSWORD, "--once", "--state", str(state)]
         first = main(args)
-        client = DICOMwebClient(server.dicomweb)
-        client._session.auth = (USER, PASSWORD)
         yield {
             "server": server,
-            "client": client,
+            "client": server.client(),
             "sources": sources,
             "ids": ids,
             "before": before,
@@ -63,13 +45,8 @@ def pacs(mc_dropout_run, nih_sample, tmp_path_factory):
         }
 
 
-def _study(pacs, key) -> list[dict]:
-    uid = pacs["sources"][key].StudyInstanceUID
-    return pacs["client"].search_for_instances(study_instance_uid=uid, fields=["00080060"])
-
-
 def _modalities(pacs, key) -> list[str]:
-    return sorted(item["00080060"]["Value"][0] for item in _study(pacs, key))
+    return study_modalities(pacs["client"], pacs["sources"][key].StudyInstanceUID)
 
 
 def test_each_frontal_radiograph_gets_one_sr_and_one_capture_in_its_study(pacs) -> None:
@@ -98,20 +75,9 @@ def test_the_sr_is_tid_1500_with_the_probabilities_predict_gives(pacs) -> None:
     for key in ("frontal0", "frontal1"):
         expected = classifier.predict(pacs["files"][key])
         uid = pacs["sources"][key].StudyInstanceUID
-        [item] = pacs["client"].search_for_instances(uid, search_filters={"Modality": "SR"})
-        series, sop = item["0020000E"]["Value"][0], item["00080018"]["Value"][0]
-        sr = hd.sr.Comprehensive3DSR.from_dataset(
-            pacs["client"].retrieve_instance(uid, series, sop)
-        )
+        sr, means = sr_probabilities(pacs["client"], uid)
         assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
         assert sr.VerificationFlag == "UNVERIFIED"
-        groups = sr.content.get_image_measurement_groups()
-        means = {}
-        for group in groups[:-1]:
-            [mean] = [
-                m for m in group.get_measurements(codes.PROBABILITY) if m.derivation == codes.MEAN
-            ]
-            means[group.tracking_identifier] = mean.value
         assert list(means) == list(classifier.labels)
         assert np.abs(np.array(list(means.values())) - expected.probability).max() < 1e-6
 

@@ -21,9 +21,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from cxrfusion.dicom.audit import AuditLog
-from cxrfusion.dicom.pipeline import Processor
-from cxrfusion.dicom.state import State
+from cxrfusion.dicom.pipeline import Intake, Steps, Transient
 from cxrfusion.errors import CxrError
 
 log = logging.getLogger(__name__)
@@ -118,24 +116,13 @@ class Poller:
     Args:
         client: from `make_client`.
         settings: the same settings (retries).
-        processor: the model loop.
-        state: what was done to each instance.
-        audit: the JSON-lines audit log.
+        intake: the model loop, the state and the audit log.
     """
 
-    def __init__(
-        self,
-        client: DICOMwebClient,
-        settings: DicomWebSettings,
-        processor: Processor,
-        state: State,
-        audit: AuditLog,
-    ) -> None:
+    def __init__(self, client: DICOMwebClient, settings: DicomWebSettings, intake: Intake) -> None:
         self.client = client
         self.settings = settings
-        self.processor = processor
-        self.state = state
-        self.audit = audit
+        self.intake = intake
 
     def run(self, interval_s: float, once: bool, stop: threading.Event) -> Counter:
         """Poll once, or every `interval_s` seconds until `stop` is set; the outcomes counted.
@@ -169,94 +156,42 @@ class Poller:
             if stop is not None and stop.is_set():
                 break
             uids = tuple(item.get(tag, {}).get("Value", [""])[0] for tag in _UID_TAGS)
-            if not all(uids) or self.state.done(uids[2]):
+            if not all(uids) or self.intake.state.done(uids[2]):
                 continue
             counts[self._handle(*uids)] += 1
         log.info("poll: %s", dict(counts) or "nothing new")
         return counts
 
     def _handle(self, study: str, series: str, sop: str) -> str:
-        """One instance: screen its metadata, then fetch, predict and store; the status."""
-        start = time.perf_counter()
-        header = Dataset()
-        header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID = (
-            study,
-            series,
-            sop,
-        )
-        base = self.processor.audit(header)
-        try:
-            metadata = call(
-                self.settings,
-                f"WADO-RS metadata of {sop}",
-                lambda: self.client.retrieve_instance_metadata(study, series, sop),
-            )
-            decision = self.processor.screen(Dataset.from_json(metadata, _no_bulk_data))
-            if not decision.accepted:
-                return self._advance(sop, "skipped", decision.reason, base, start)
-            dataset = call(
-                self.settings,
-                f"WADO-RS {sop}",
-                lambda: self.client.retrieve_instance(study, series, sop),
-            )
-            done = self.processor.process(dataset)
-            outputs = (done.results.sr.SOPInstanceUID, done.results.sc.SOPInstanceUID)
-            self.state.advance(
-                sop, "processing", model=self.processor.model.version, outputs=outputs
-            )
-            stored = time.perf_counter()
-            call(
-                self.settings,
+        """One instance: its metadata screened first, its pixels fetched only if accepted."""
+        ids = Dataset()
+        ids.StudyInstanceUID, ids.SeriesInstanceUID, ids.SOPInstanceUID = study, series, sop
+        steps = Steps(
+            header=lambda: Dataset.from_json(
+                self._request(
+                    f"WADO-RS metadata of {sop}",
+                    lambda: self.client.retrieve_instance_metadata(study, series, sop),
+                ),
+                _no_bulk_data,
+            ),
+            dataset=lambda: self._request(
+                f"WADO-RS {sop}", lambda: self.client.retrieve_instance(study, series, sop)
+            ),
+            send=lambda results: self._request(
                 f"STOW-RS results of {sop}",
                 lambda: self.client.store_instances(
-                    [done.results.sr, done.results.sc], study_instance_uid=study
+                    [results.sr, results.sc], study_instance_uid=study
                 ),
-            )
-            for uid in outputs:  # never fetched back by the next poll
-                self.state.advance(uid, "skipped", "our own output", self.processor.model.version)
-            details = {
-                "outputs": list(outputs),
-                "warnings": list(decision.warnings),
-                "uncertainty": done.prediction.uncertainty,
-                "flag": done.prediction.flag,
-                "timings": {**done.timings, "store_s": time.perf_counter() - stored},
-            }
-            return self._advance(sop, "processed", "", {**base, **details}, start, outputs)
-        except AccessRefused:
-            raise
-        except CxrError as error:  # the image itself: retrying cannot help
-            return self._advance(sop, "failed", str(error), base, start, retry=False)
-        except requests.RequestException as error:
-            return self._advance(sop, "failed", _short(error), base, start)
-
-    def _advance(
-        self,
-        sop: str,
-        to: str,
-        reason: str,
-        record: dict,
-        start: float,
-        outputs: tuple[str, ...] = (),
-        retry: bool = True,
-    ) -> str:
-        timings = {**record.get("timings", {}), "total_s": time.perf_counter() - start}
-        record = {**record, "reason": reason, "timings": timings}
-        stored = self.state.advance(
-            sop,
-            to,
-            reason,
-            model=self.processor.model.version,
-            outputs=outputs,
-            audit=record,
-            retry=retry,
+            ),
         )
-        self.audit.write(stored)
-        if stored["status"] == "processing":
-            log.warning("%s: %s (attempt %d, retried next poll)", sop, reason, stored["attempts"])
-            return "retry"
-        if to != "processed":
-            log.info("%s %s: %s", sop, stored["status"], reason)
-        return stored["status"]
+        return self.intake.handle(ids, steps)
+
+    def _request(self, what: str, request: Callable[[], T]) -> T:
+        """`call`, a request still failing after its retries being `Transient` for the instance."""
+        try:
+            return call(self.settings, what, request)
+        except requests.RequestException as error:
+            raise Transient(_short(error)) from None
 
 
 _UID_TAGS = (_STUDY_UID, _SERIES_UID, _SOP_INSTANCE_UID)
