@@ -184,6 +184,28 @@ def test_onnx_mc_dropout_samples_the_distribution_of_the_pytorch_fast_path(
     assert not moments_agree(onnx_samples(), torch_samples)
 
 
+def test_onnx_samples_each_image_under_its_own_seed_exactly_as_it_samples_it_alone(
+    exported_run, nih_sample, monkeypatch
+):
+    run, folder, _ = exported_run
+    x = radiographs(nih_sample, 4, model=load_run(run)[0].model).numpy()
+    engine = OnnxEngine(folder)
+    features = engine.features  # image by image: features that cannot depend on the batch
+    monkeypatch.setattr(
+        engine,
+        "features",
+        lambda x: np.concatenate([features(x[i : i + 1]) for i in range(len(x))]),
+    )
+    seeds = [3, 3, 7, 0]
+    together = engine.sample_logits_each(x, 6, seeds)
+    for b, seed in enumerate(seeds):
+        np.testing.assert_array_equal(
+            together[:, b], engine.sample_logits(x[b : b + 1], 6, seed)[:, 0]
+        )
+    # One generator for the whole batch gives the first image other masks.
+    assert not np.array_equal(together[:, 0], engine.sample_logits(x, 6, 3)[:, 0])
+
+
 def test_onnx_engine_finds_the_export_of_a_run_and_says_how_to_make_a_missing_one(
     exported_run, tmp_path
 ):

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from realdata import prepare_real, split_images, train_tiny
 from scipy.special import expit, logit
+from torch import nn
 
 from cxrfusion import Classifier
 from cxrfusion.errors import CxrError
@@ -171,6 +173,46 @@ def test_mc_dropout_spread_sets_the_review_flag_at_the_threshold(dropout_run, ni
     assert [p.flag for p in flags] == (uncertainty > middle).tolist()
     again = clf.predict_many(images, batch_size=4)
     np.testing.assert_array_equal(again[2].probability, predictions[2].probability)
+
+
+class _OneByOne(nn.Module):
+    """A backbone run image by image: features that cannot depend on the rest of the batch."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.inner = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.inner(x[i : i + 1]) for i in range(len(x))])
+
+
+def test_independent_masks_give_each_image_of_a_batch_its_prediction_alone(dropout_run, nih_sample):
+    """What the service's batches rely on: with `independent=True` an image's numbers do not
+    depend on its neighbours, to the last bit once the features are the same (a batched
+    backbone rounds differently: within 1e-6), and alone they are `predict`'s."""
+    clf = Classifier.load(dropout_run, device="cpu", mc_samples=10)
+    images = _sample_images(dropout_run, nih_sample, 5)
+    prepared = [clf.prepare(path) for path in images]
+    alone = [clf.predict_prepared([image], independent=True)[0] for image in prepared]
+    keys = ("probability", "std", "entropy", "mutual_information")
+    for path, prediction in zip(images, alone, strict=True):
+        for key in keys:
+            np.testing.assert_array_equal(getattr(prediction, key), getattr(clf.predict(path), key))
+
+    batched = clf.predict_prepared(prepared, independent=True)
+    for got, expected in zip(batched, alone, strict=True):
+        np.testing.assert_allclose(got.probability, expected.probability, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got.std, expected.std, rtol=0, atol=1e-6)
+
+    clf.engine.model.features = _OneByOne(clf.engine.model.features)
+    batched = clf.predict_prepared(prepared, independent=True)
+    for got, expected in zip(batched, alone, strict=True):
+        for key in keys:
+            np.testing.assert_array_equal(getattr(got, key), getattr(expected, key))
+        assert (got.uncertainty, got.flag) == (expected.uncertainty, expected.flag)
+    # One generator for the whole batch (evaluate's way) gives other masks, other numbers.
+    shared = clf.predict_prepared(prepared)
+    assert max(np.abs(s.std - a.std).max() for s, a in zip(shared, alone, strict=True)) > 1e-3
 
 
 def test_mc_mean_is_close_to_the_deterministic_prediction(dropout_run, nih_sample):

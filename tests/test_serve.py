@@ -22,6 +22,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from cxrfusion.errors import CxrError
 from cxrfusion.inference.classifier import GRADCAM_TOP, Classifier
 from cxrfusion.labels import LABELS
 from cxrfusion.serving import ServeSettings, create_app
@@ -341,10 +342,10 @@ class GatedClassifier:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def predict_prepared(self, images, seed=None, gradcam: bool = False):
+    def predict_prepared(self, images, seed=None, gradcam: bool = False, **options):
         if not self.gate.wait(timeout=60):
             raise RuntimeError("the test never opened the gate")
-        return self.inner.predict_prepared(images, seed, gradcam)
+        return self.inner.predict_prepared(images, seed, gradcam, **options)
 
 
 @pytest.fixture(scope="module")
@@ -386,6 +387,152 @@ def test_a_full_queue_answers_503_with_retry_after_while_the_model_is_busy(
         assert "queue is full" in response.json()["detail"]
     assert held() == 0
     assert post().status_code == 200
+
+
+class RecordingClassifier:
+    """The real classifier, recording the sources of every model call; a batch holding the
+    `poison` source fails as a bug in one image would, and `gate` (open by default) holds the
+    model back while the test lines requests up."""
+
+    def __init__(self, inner: Classifier, poison: str = "poison.png") -> None:
+        self.inner = inner
+        self.poison = poison
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def predict_prepared(self, images, seed=None, gradcam: bool = False, **options):
+        if not self.gate.wait(timeout=60):
+            raise RuntimeError("the test never opened the gate")
+        sources = [image.source for image in images]
+        self.batches.append(sources)
+        if self.poison in sources:
+            raise CxrError(f"{self.poison}: this image cannot be predicted")
+        return self.inner.predict_prepared(images, seed, gradcam, **options)
+
+
+# Long enough that a batch only ever closes by filling up: no test depends on timing.
+PATIENT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def recorded(classifier) -> RecordingClassifier:
+    return RecordingClassifier(classifier)
+
+
+@pytest.fixture(scope="module")
+def batching(recorded) -> str:
+    """A server that predicts 8 requests per model call, waiting as long as it takes for them."""
+    settings = ServeSettings(max_batch=8, max_wait_ms=PATIENT_MS)
+    with background_server(create_app(recorded, settings)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def one_by_one(classifier) -> tuple[str, RecordingClassifier]:
+    recorder = RecordingClassifier(classifier)
+    with background_server(create_app(recorder, ServeSettings(max_batch=1))) as url:
+        yield url, recorder
+
+
+@pytest.fixture(scope="module")
+def eight_images(nih_sample) -> list[tuple[str, bytes]]:
+    """Eight different real radiographs: the first is the `radiograph` fixture's."""
+    paths = sorted((nih_sample / "images").glob("*.png"))[:8]
+    return [(path.name, path.read_bytes()) for path in paths]
+
+
+def post_all(url: str, images: list[tuple[str, bytes]], **kwargs) -> list[httpx.Response]:
+    """POST every image at once, one connection each."""
+
+    def post(image: tuple[str, bytes]) -> httpx.Response:
+        return httpx.post(f"{url}/predict", files={"file": image}, timeout=120, **kwargs)
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        return list(pool.map(post, images))
+
+
+def answer(response: httpx.Response) -> dict:
+    """The JSON of a 200 answer without its timing."""
+    assert response.status_code == 200, response.text
+    return {k: v for k, v in response.json().items() if k != "elapsed_ms"}
+
+
+def assert_same_answer(got: dict, expected: dict) -> None:
+    """The same decisions and text exactly; the same numbers but for the float32 rounding of a
+    backbone run on a batch (oneDNN picks its kernels by the batch size: up to 1.2e-7 here), far
+    below what other dropout masks would change (~1e-2). With the same features the numbers are
+    the same to the last bit (tests/test_inference.py)."""
+    numbers = ("probability", "std", "entropy", "mutual_information")
+
+    def numeric(document: dict) -> np.ndarray:
+        table = [[p[key] for key in numbers] for p in document["pathologies"]]
+        return np.array([*np.ravel(table), document["uncertainty"]])
+
+    def text(document: dict) -> dict:
+        labels = [p["label"] for p in document["pathologies"]]
+        return {**document, "pathologies": labels, "uncertainty": None}
+
+    assert text(got) == text(expected)
+    np.testing.assert_allclose(numeric(got), numeric(expected), rtol=0, atol=1e-6)
+
+
+def test_an_image_in_a_batch_of_eight_gets_the_answer_it_gets_alone(
+    batching, recorded, one_by_one, eight_images
+):
+    recorded.batches.clear()
+    batched = [answer(r) for r in post_all(batching, eight_images, params={"image": "true"})]
+    assert len(recorded.batches) == 1  # one model call for the 8 concurrent requests
+    assert sorted(recorded.batches[0]) == sorted(name for name, _ in eight_images)
+
+    url, _ = one_by_one
+    for (name, data), in_batch in zip(eight_images, batched, strict=True):
+        alone = answer(
+            httpx.post(f"{url}/predict?image=true", files={"file": (name, data)}, timeout=120)
+        )
+        assert in_batch["source"] == name
+        assert_same_answer(in_batch, alone)
+    assert max(p["std"] for p in batched[0]["pathologies"]) > 1e-3  # the masks matter
+
+
+def test_max_batch_1_calls_the_model_once_per_request_however_many_wait(one_by_one, eight_images):
+    url, recorder = one_by_one
+    recorder.batches.clear()
+    recorder.gate.clear()  # the first request holds the model while the others line up
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_all, url, eight_images[:4])
+        try:
+            for _ in range(600):  # until all four are held (at most 30 s)
+                lined_up = httpx.get(f"{url}/health", timeout=10).json()["queue"]["held"] == 4
+                if lined_up:
+                    break
+                time.sleep(0.05)
+        finally:
+            recorder.gate.set()  # before the pool's exit, which waits for the requests
+        responses = pending.result()
+    assert lined_up
+    assert [r.status_code for r in responses] == [200] * 4
+    assert sorted(recorder.batches) == sorted([name] for name, _ in eight_images[:4])
+
+
+def test_a_failing_image_in_a_batch_fails_only_its_own_request(
+    batching, recorded, one_by_one, eight_images
+):
+    recorded.batches.clear()
+    images = [*eight_images[:7], ("poison.png", eight_images[7][1])]
+    responses = post_all(batching, images)
+    assert len(recorded.batches[0]) == 8  # they were batched, and the batch failed
+    assert sorted(len(batch) for batch in recorded.batches[1:]) == [1] * 8  # then one by one
+    poisoned = responses.pop()
+    assert poisoned.status_code == 422
+    assert poisoned.json()["detail"] == "poison.png: this image cannot be predicted"
+    url, _ = one_by_one
+    for (name, data), response in zip(images, responses, strict=False):
+        alone = httpx.post(f"{url}/predict", files={"file": (name, data)}, timeout=120)
+        assert answer(response) == answer(alone)  # both predicted alone: to the last bit
 
 
 def test_cli_serve_prints_its_url_and_serves_the_run_under_the_token_of_its_file(

@@ -175,7 +175,7 @@ class BrokenClassifier:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def predict_prepared(self, images, seed=None, gradcam: bool = False):
+    def predict_prepared(self, images, seed=None, gradcam: bool = False, **options):
         raise RuntimeError("a bug in the model call")
 
 

@@ -11,7 +11,11 @@ from scipy.special import xlogy
 from torch import nn
 
 from cxrfusion.models import create_model, list_models
-from cxrfusion.models.mc_dropout import mc_dropout_samples
+from cxrfusion.models.mc_dropout import (
+    mc_dropout_logits,
+    mc_dropout_logits_per_image,
+    mc_dropout_samples,
+)
 from cxrfusion.stats.uncertainty import flag, summarise_samples
 
 CLASSES = 14
@@ -147,6 +151,34 @@ def test_head_mode_refuses_a_model_with_dropout_in_its_features() -> None:
 def test_invalid_arguments_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         mc_dropout_samples(_model(), _input(), **kwargs)
+
+
+class OneByOne(nn.Module):
+    """A backbone run image by image: features that cannot depend on the rest of the batch (a
+    batched convolution may round differently with the batch size)."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.inner = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.inner(x[i : i + 1]) for i in range(len(x))])
+
+
+def test_per_image_seeds_give_each_image_of_a_batch_exactly_its_samples_alone() -> None:
+    model, x = _model(), _input(batch=4)
+    model.features = OneByOne(model.features)
+    seeds = [5, 5, 9, 0]
+    before = torch.get_rng_state()
+    together = mc_dropout_logits_per_image(model, x, 6, seeds)
+    assert torch.equal(torch.get_rng_state(), before)
+    for b, seed in enumerate(seeds):
+        alone = mc_dropout_logits(model, x[b : b + 1], 6, "head", seed)
+        assert torch.equal(together[:, b], alone[:, 0])
+    # One generator for the whole batch (evaluate's way) gives the first image other masks.
+    assert not torch.equal(together[:, 0], mc_dropout_logits(model, x, 6, "head", 5)[:, 0])
+    with pytest.raises(ValueError, match="one seed per image"):
+        mc_dropout_logits_per_image(model, x, 6, seeds[:3])
 
 
 def test_summaries_match_a_hand_example() -> None:

@@ -141,6 +141,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="requests held at once, decoding, running or waiting; one more gets 503 (default 16)",
     )
     p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="most requests predicted in one model call; each still gets the answer it would get "
+        "alone (default 8; 1: one call per request)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5,
+        help="longest the first request of a batch waits for others, in ms (default 5)",
+    )
+    p.add_argument(
         "--decode-timeout",
         type=float,
         default=20,
@@ -166,6 +179,8 @@ def _serve(args: argparse.Namespace) -> None:
         heatmaps=not args.no_heatmaps,
         allowed_hosts=_allowed_hosts(args),
         decode_timeout_s=args.decode_timeout,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
     )
     from cxrfusion.inference.classifier import Classifier  # the engine loads after the checks
 

@@ -306,11 +306,20 @@ class Classifier:
         images: Sequence[PreparedImage],
         seed: int | None = None,
         gradcam: bool = False,
+        *,
+        independent: bool = False,
     ) -> list[Prediction]:
         """Predict already prepared images as one batch.
 
         Args:
             seed: seeds this batch's dropout masks (default: the classifier's `seed`).
+            independent: False (evaluate's way, and `predict_many`'s): one generator draws the
+                whole batch's masks, so an image's samples depend on its batch. True (what the
+                service's dynamic batches need): each image's masks come from a generator of its
+                own seeded with `seed`, and it is summarised on its own, so each prediction is the
+                one `predict_prepared([image], seed)` gives alone, whatever else is in the batch
+                (up to the float rounding of the backbone, which oneDNN and cuDNN vary with the
+                batch size: below 1e-6 in probability here).
         """
         if not images:
             return []
@@ -318,7 +327,24 @@ class Classifier:
             raise CxrError("Grad-CAM needs the torch engine (--engine torch)")
         x = self.model_input(np.stack([p.image for p in images]))
         seed = self.seed if seed is None else seed
-        logits = self.engine.sample_logits(x, self.mc_samples, seed).astype(np.float64)
+        if not independent:
+            logits = self.engine.sample_logits(x, self.mc_samples, seed)
+            return self._predictions(images, logits, x, gradcam)
+        logits = self.engine.sample_logits_each(x, self.mc_samples, [seed] * len(images))
+        return [
+            self._predictions([image], logits[:, i : i + 1], x[i : i + 1], gradcam)[0]
+            for i, image in enumerate(images)
+        ]
+
+    def _predictions(
+        self,
+        images: Sequence[PreparedImage],
+        sample_logits: np.ndarray,
+        x: np.ndarray,
+        gradcam: bool,
+    ) -> list[Prediction]:
+        """Summarise the engine's (T, B, 14) logits of `images` (model input `x`)."""
+        logits = np.ascontiguousarray(sample_logits, dtype=np.float64)
         unscaled = summary = summarise_samples(expit(logits))
         if self.spec.temperatures is not None:
             summary = summarise_samples(apply_temperature(logits, self.spec.temperatures))

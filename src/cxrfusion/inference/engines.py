@@ -9,6 +9,7 @@ export on ONNX Runtime, and this module, like the rest of that path, does not im
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +35,12 @@ class Engine(Protocol):
     def sample_logits(self, x: np.ndarray, samples: int, seed: int) -> np.ndarray:
         """(T, B, 14) MC-dropout logits: features once, the head T times with dropout on; the
         same `seed` and batch give the same samples."""
+        ...
+
+    def sample_logits_each(self, x: np.ndarray, samples: int, seeds: Sequence[int]) -> np.ndarray:
+        """(T, B, 14) MC-dropout logits, image b's masks drawn under `seeds[b]` alone: image b
+        gets `sample_logits(x[b:b+1], samples, seeds[b])`, whatever else is in the batch (up to
+        the float rounding of features computed in a batch)."""
         ...
 
 

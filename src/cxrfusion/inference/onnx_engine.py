@@ -165,12 +165,30 @@ class OnnxEngine:
         """
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
-        if not self.layers:  # no dropout: every sample is the deterministic pass
-            return np.broadcast_to(self.logits(x), (samples, len(x), len(self.labels))).copy()
+        return self._sample_head(self.features(x), samples, seed)
+
+    def sample_logits_each(self, x: np.ndarray, samples: int, seeds: Sequence[int]) -> np.ndarray:
+        """MC-dropout logits (T, B, classes), image b's as `sample_logits(x[b:b+1], samples,
+        seeds[b])` gives them: features of the batch at once, then each image's head on its own
+        T rows with masks from its own generator, so no image depends on its neighbours."""
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        if len(seeds) != len(x):
+            raise ValueError(f"expected one seed per image ({len(x)}), got {len(seeds)}")
         features = self.features(x)
+        per_image = [
+            self._sample_head(features[b : b + 1], samples, seed) for b, seed in enumerate(seeds)
+        ]
+        return np.concatenate(per_image, axis=1)
+
+    def _sample_head(self, features: np.ndarray, samples: int, seed: int) -> np.ndarray:
+        """(T, B, classes) head samples of features (B, F), masks drawn under `seed`."""
+        if not self.layers:  # no dropout: every sample is the deterministic pass
+            logits = self.head(features, [])
+            return np.broadcast_to(logits, (samples, *logits.shape)).copy()
         rows = np.tile(features, (samples, 1))  # row t*B + b is image b, as the torch fast path
         logits = self.head(rows, draw_masks(self.layers, len(rows), np.random.default_rng(seed)))
-        return logits.reshape(samples, len(x), -1)
+        return logits.reshape(samples, len(features), -1)
 
 
 def _warn_if_stale(folder: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from cxrfusion.inference.engines import ModelSpec
 from cxrfusion.inference.runs import load_run, run_card, run_threshold
 from cxrfusion.labels import LABELS
 from cxrfusion.models import CxrModel
-from cxrfusion.models.mc_dropout import mc_dropout_logits
+from cxrfusion.models.mc_dropout import mc_dropout_logits, mc_dropout_logits_per_image
 from cxrfusion.stats.conformal import load_calibration
 from cxrfusion.stats.temperature import read_temperature
 
@@ -41,6 +42,10 @@ class TorchEngine:
         # torch draws the masks under `seed`, as evaluate's batches do: same seed, same batch,
         # same numbers as evaluate.
         logits = mc_dropout_logits(self.model, self._tensor(x), samples, "head", seed)
+        return logits.float().cpu().numpy()
+
+    def sample_logits_each(self, x: np.ndarray, samples: int, seeds: Sequence[int]) -> np.ndarray:
+        logits = mc_dropout_logits_per_image(self.model, self._tensor(x), samples, seeds)
         return logits.float().cpu().numpy()
 
     def gradcam(self, x: np.ndarray, class_index: int) -> np.ndarray:

@@ -5,13 +5,15 @@ deterministic `features` once and samples only the head, T times in one batched 
 distribution as T full stochastic passes (each row of the repeated features draws its own
 dropout masks) at about the cost of one deterministic pass. `mode="full"` runs T whole forward
 passes for models that keep dropout elsewhere. BatchNorm stays in eval mode in both.
+`mc_dropout_logits_per_image` runs the features of a batch at once but draws each image's masks
+from a generator of its own, so that its samples do not depend on the rest of the batch.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -122,4 +124,46 @@ def mc_dropout_logits(
             logits = logits.view(draws, len(x), -1)
         else:
             logits = torch.stack([model(x) for _ in range(draws)])
+    return logits.expand(samples, -1, -1).contiguous()
+
+
+@torch.inference_mode()
+def mc_dropout_logits_per_image(
+    model: nn.Module, x: torch.Tensor, samples: int, seeds: Sequence[int]
+) -> torch.Tensor:
+    """`mc_dropout_logits(model, x[b:b+1], samples, "head", seeds[b])` for every image b at once.
+
+    The features of the whole batch are computed in one call; then each image's head runs on its
+    own T rows under its own seed, so its dropout masks and the arithmetic after the features are
+    exactly those of the image predicted alone, whatever else is in the batch. (The backbone's
+    float32 rounding can still vary with the batch size: oneDNN and cuDNN choose their kernels by
+    shape.) This is what lets a service batch concurrent requests without one request's numbers
+    depending on its neighbours.
+
+    Args:
+        model: a cxrfusion model, all its dropout in `head` (as `mode="head"` requires).
+        x: normalised input (B, 3, H, W) on the model's device.
+        samples: T, the number of stochastic passes per image.
+        seeds: one seed per image, for its dropout masks (the global RNG is left as it was).
+
+    Returns:
+        Logits (T, B, classes), float, on x's device.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if len(seeds) != len(x):
+        raise ValueError(f"expected one seed per image ({len(x)}), got {len(seeds)}")
+    dropouts = _dropout_modules(model)
+    if not dropouts:
+        _warn_no_dropout(type(model).__name__)
+    if _dropout_modules(model.features):
+        raise ValueError("model.features holds dropout, which per-image head sampling ignores")
+    draws = samples if dropouts else 1
+    with _sampling(model, dropouts):
+        features = model.features(x)
+        per_image = []
+        for row, seed in zip(features, seeds, strict=True):
+            with _seeded(seed, x.device):
+                per_image.append(model.head(row[None].repeat(draws, 1)))
+    logits = torch.stack(per_image, dim=1)  # (draws, B, classes)
     return logits.expand(samples, -1, -1).contiguous()
