@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -21,6 +22,10 @@ from cxrfusion.training.config import TrainConfig
 
 TRAIN = ["train", "--prepared", "prepared"]
 RUN_TEXT = "run_text/best.ckpt"
+# Stand-ins for ports the `outcomes` fixture holds: one listened on by another program, one free.
+BUSY_PORT, FREE_PORT = "<busy port>", "<free port>"
+LISTEN = ["pacs", "listen", "--run", "run_empty"]
+SEND_TO = ["--send-to", "ORTHANC@127.0.0.1:4242"]
 # (id, arguments after `cxrfusion`, a word the error line must contain)
 CASES: list[tuple[str, list[str], str]] = [
     ("no-command", [], "COMMAND"),
@@ -89,6 +94,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-missing-prepared-folder", ["train", "--prepared", "nowhere"], "split.csv"),
     ("train-missing-data-folder", ["train", "--data", "nowhere"], "nowhere"),
     ("train-resume-without-run", [*TRAIN, "--resume", "--out", "fresh"], "no run to resume"),
+    ("train-unknown-cache-place", [*TRAIN, "--cache-on-device", "gpu"], "--cache-on-device"),
+    ("train-compile-not-a-bool", [*TRAIN, "--compile", "fast"], "true or false"),
+    ("train-deterministic-not-a-bool", [*TRAIN, "--deterministic", "mostly"], "true or false"),
+    ("train-config-compile-not-a-bool", [*TRAIN, "--config", "compile.yaml"], "compile"),
+    ("train-config-unknown-cache-place", [*TRAIN, "--config", "cache.yaml"], "cache_on_device"),
     ("evaluate-without-run", ["evaluate"], "--run"),
     ("evaluate-missing-run", ["evaluate", "--run", "nowhere"], "nowhere"),
     ("evaluate-run-without-checkpoint", ["evaluate", "--run", "run_empty"], "best.ckpt"),
@@ -101,6 +111,19 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compare-missing-folder", ["compare", "run_a", "nowhere"], "nowhere"),
     ("compare-runs-not-evaluated", ["compare", "run_a", "run_b"], "predictions.csv"),
     ("compare-unknown-split", ["compare", "run_a", "run_b", "--split", "all"], "all"),
+    ("external-without-prepared", ["external", "--run", "run_a"], "--prepared"),
+    ("external-missing-run", ["external", "--run", "nowhere", "--prepared", "d"], "nowhere"),
+    ("external-not-prepared", ["external", "--run", "run_a", "--prepared", "d"], "split.csv"),
+    (
+        "external-unknown-split",
+        ["external", "--run", "run_a", "--prepared", "prepared", "--split", "dev"],
+        "dev",
+    ),
+    (
+        "external-zero-bootstrap",
+        ["external", "--run", "run_a", "--prepared", "prepared", "--bootstrap", "0"],
+        "bootstrap",
+    ),
     ("download-no-workers", ["download", "nih", "--out", "d", "--workers", "0"], "--workers"),
     ("download-archive-13", ["download", "nih", "--out", "d", "--only", "13"], "--only"),
     ("download-from-nowhere", ["download", "nih", "--out", "d", "--from", "nowhere"], "nowhere"),
@@ -130,6 +153,16 @@ CASES: list[tuple[str, list[str], str]] = [
         "--allowed-hosts",
     ),
     ("calibrate-missing-run", ["calibrate", "--run", "nowhere"], "nowhere"),
+    ("pacs-listen-send-to-without-aet", [*LISTEN, "--send-to", "127.0.0.1:4242"], "AET@HOST:PORT"),
+    ("pacs-listen-send-to-bad-port", [*LISTEN, "--send-to", "PACS@host:99999"], "--send-to"),
+    ("pacs-listen-port-zero", [*LISTEN, *SEND_TO, "--port", "0"], "--port"),
+    ("pacs-listen-long-ae-title", [*LISTEN, *SEND_TO, "--ae-title", "A" * 17], "--ae-title"),
+    ("pacs-listen-port-in-use", [*LISTEN, *SEND_TO, "--port", BUSY_PORT], "in use"),
+    (
+        "pacs-listen-missing-run",
+        ["pacs", "listen", "--run", "nowhere", *SEND_TO, "--port", FREE_PORT],
+        "nowhere",
+    ),
     ("reproduce-missing-data", ["reproduce", "--data", "nowhere", "--dry-run"], "nowhere"),
 ]
 
@@ -149,6 +182,8 @@ def _make_inputs(root: Path) -> None:
         "list.yaml": "- epochs\n- 3\n",
         "broken.yaml": "epochs: [3\n",
         "augment.yaml": "augmentation: {flip: 2}\n",
+        "compile.yaml": "compile: fast\n",
+        "cache.yaml": "cache_on_device: sometimes\n",
     }
     for name, text in configs.items():
         (root / name).write_text(text)
@@ -185,6 +220,13 @@ def _command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "cxrfusion.cli"]
 
 
+def _listening_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
 def _run(root: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, bool]:
     _make_inputs(root)
     before = _tree(root)
@@ -195,15 +237,29 @@ def _run(root: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, bool
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict:
-    """Every case run once, in parallel: the subprocesses mostly wait on imports."""
+def outcomes(tmp_path_factory, request) -> dict:
+    """Every selected case (all, unless `-k` picks some) run once, in parallel: the
+    subprocesses mostly wait on imports."""
+    selected = {
+        item.callspec.params.get("case")
+        for item in request.session.items
+        if hasattr(item, "callspec")
+    }
+    cases = [(case, args, word) for case, args, word in CASES if case in selected]
     base = tmp_path_factory.mktemp("bad_invocations")
-    roots = {case: base / case for case, _, _ in CASES}
+    roots = {case: base / case for case, _, _ in cases}
     for root in roots.values():
         root.mkdir()
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {case: pool.submit(_run, roots[case], args) for case, args, _ in CASES}
-        return {case: future.result() for case, future in futures.items()}
+    with _listening_socket() as free:
+        free_port = free.getsockname()[1]  # released: free for the seconds the cases take
+    with _listening_socket() as busy:
+        ports = {BUSY_PORT: str(busy.getsockname()[1]), FREE_PORT: str(free_port)}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = {
+                case: pool.submit(_run, roots[case], [ports.get(a, a) for a in args])
+                for case, args, _ in cases
+            }
+            return {case: future.result() for case, future in futures.items()}
 
 
 def test_the_table_covers_every_command_with_thirty_mistakes_or_more():

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from cxrfusion.cli.data import add_download, add_prepare, add_synth
-from cxrfusion.cli.evaluation import add_calibrate, add_compare, add_evaluate
+from cxrfusion.cli.evaluation import add_calibrate, add_compare, add_evaluate, add_external
 from cxrfusion.cli.inference import add_export, add_predict, add_serve
 from cxrfusion.cli.pacs import add_pacs
 from cxrfusion.cli.training import add_models, add_reproduce, add_train
@@ -56,6 +56,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_evaluate,
     add_calibrate,
     add_compare,
+    add_external,
     add_reproduce,
     add_predict,
     add_serve,

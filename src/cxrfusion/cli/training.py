@@ -59,7 +59,13 @@ TRAIN_HELP = {
     "num_nodes": "nodes for multi-node DDP (torchrun/SLURM)",
     "strategy": "auto, ddp, ... (Lightning)",
     "precision": "auto (bf16/fp16 AMP on GPU, fp32 on CPU), 32-true, 16-mixed, bf16-mixed",
-    "channels_last": "NHWC memory layout (faster convolutions)",
+    "channels_last": "NHWC memory layout of model and input (faster convolutions; default true)",
+    "compile": "torch.compile the model: a few minutes of compilation, then faster GPU steps "
+    "(default false; recorded in config.yaml, a run resumes with or without it)",
+    "cache_on_device": "auto (default), on or off: hold the image cache on the GPU and augment "
+    "batches there instead of in loader workers; auto when it takes at most a quarter of the "
+    "GPU's free memory",
+    "deterministic": "repeatable kernels instead of cuDNN's autotuned fastest ones (default false)",
     "limit_train_batches": "fraction or number of training batches per epoch (quick runs)",
     "logger": "csv (default) or tensorboard: Lightning's step log in <out>/logs/ "
     "(`tensorboard --logdir <out>/logs`); metrics.csv is written either way",
@@ -114,8 +120,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                 p.add_argument(f"--{key.replace('_', '-')}", type=float, default=None, help=text)
             continue
         kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
+        switch = dict(nargs="?", const=True) if kind is _bool else {}  # `--compile` alone: true
         p.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=None, help=TRAIN_HELP[f.name]
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            default=None,
+            help=TRAIN_HELP[f.name],
+            **switch,
         )
     p.set_defaults(func=_train, check=_check_train)
 

@@ -102,18 +102,31 @@ class CachedXrayDataset(Dataset):
     def __getitem__(self, key: Key) -> Sample:
         return self.__getitems__([key])[0]
 
+    def draws(self, keys: Sequence[Key]) -> tuple[np.ndarray, np.ndarray]:
+        """The dataset indices of `keys` and each one's augmentation draws, (B,) and (B, 4).
+
+        The draws are uniform in [-1, 1) (zeros without augmentation), a function of (seed,
+        epoch, index): the loader's OpenCV warp and the device path (`device_augment`) read the
+        same table, so both give an image the same flip, rotation, zoom and brightness.
+        """
+        pairs = [key if isinstance(key, tuple) else (0, key) for key in keys]
+        indices = np.array([int(index) for _, index in pairs], dtype=np.int64)
+        if self.augmentation is None:
+            return indices, np.zeros((len(indices), 4))
+        draws = np.stack([self._epoch_draws(int(epoch))[index] for epoch, index in pairs])
+        return indices, draws.reshape(len(indices), 4)
+
     def __getitems__(self, keys: Sequence[Key]) -> list[Sample]:
         """(image uint8 (1, size, size), targets float (14,), index) for each key."""
-        pairs = [key if isinstance(key, tuple) else (0, key) for key in keys]
-        indices = [int(index) for _, index in pairs]
+        indices, draws = self.draws(keys)
         raw = self.images[self.rows[indices]]
         if self.augmentation is None:
             batch = resize(raw, self.input_size)
         else:
-            draws = np.stack([self._epoch_draws(int(epoch))[index] for epoch, index in pairs])
             batch = augment(raw, self.input_size, self.augmentation, draws)
         images = torch.from_numpy(batch).unsqueeze(1)
-        return list(zip(images, self.targets[indices], torch.tensor(indices), strict=True))
+        index = torch.from_numpy(indices)
+        return list(zip(images, self.targets[index], index, strict=True))
 
 
 def split_datasets(

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 Triple = tuple[float, float, float]
 Batch = TypeVar("Batch", np.ndarray, "torch.Tensor")
+Draws = TypeVar("Draws", np.ndarray, "torch.Tensor")
 IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
 IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 
@@ -44,6 +45,30 @@ def _warp_matrix(source: int, size: int, angle: float, scale: float, flip: bool)
     return np.hstack([linear, offset[:, None]])
 
 
+def augmentation_parameters(
+    draws: Draws, augmentation: Augmentation
+) -> tuple[Draws, Draws, Draws, Draws]:
+    """Uniform draws -> the parameters of each image's warp: (angle, scale, flip, brightness).
+
+    The one mapping of both augmentation paths (`augment` here, `device_augment` on the
+    training device), so they draw from the same distribution: angle uniform in +-rotate_deg
+    (radians), scale in 1 +- zoom, a flip with probability `flip`, brightness in 1 +- brightness,
+    each image independently.
+
+    Args:
+        draws: (B, 4) uniform numbers in [-1, 1) per image (angle, zoom, flip, brightness), a
+            NumPy array or a torch tensor (the result is of the same kind).
+        augmentation: the ranges.
+    """
+    u_angle, u_zoom, u_flip, u_bright = (draws[:, i] for i in range(4))
+    return (
+        u_angle * math.radians(augmentation.rotate_deg),
+        1 + u_zoom * augmentation.zoom,
+        (u_flip + 1) / 2 < augmentation.flip,
+        1 + u_bright * augmentation.brightness,
+    )
+
+
 def augment(
     images: np.ndarray, size: int, augmentation: Augmentation, draws: np.ndarray
 ) -> np.ndarray:
@@ -51,17 +76,13 @@ def augment(
 
     Args:
         draws: (B, 4) uniform numbers in [-1, 1] per image (angle, zoom, flip, brightness),
-            seeded per image and epoch by the dataset.
+            seeded per image and epoch by the dataset (see `augmentation_parameters`).
     """
     out = np.empty((len(images), size, size), dtype=np.uint8)
-    for image, (u_angle, u_zoom, u_flip, u_bright), target in zip(images, draws, out, strict=True):
+    angles, scales, flips, brightness = augmentation_parameters(draws, augmentation)
+    for i, (image, target) in enumerate(zip(images, out, strict=True)):
         _warp(
-            image,
-            target,
-            angle=u_angle * math.radians(augmentation.rotate_deg),
-            scale=1 + u_zoom * augmentation.zoom,
-            flip=(u_flip + 1) / 2 < augmentation.flip,
-            brightness=1 + u_bright * augmentation.brightness,
+            image, target, float(angles[i]), float(scales[i]), bool(flips[i]), float(brightness[i])
         )
     return out
 

@@ -24,6 +24,7 @@ LOSSES = ("focal", "bce", "asl")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 LOGGERS = ("csv", "tensorboard")
+CACHE_ON_DEVICE = ("auto", "on", "off")  # training.device_data's modes (it imports torch)
 # Lightning's forms: auto, -1 (all), a count, or indices ("0,1", or "1," for index 1 alone).
 DEVICES = re.compile(r"auto|-1|[1-9]\d*|\d+(,\d+)+|\d+,")
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -83,6 +84,9 @@ _CHECKS = {
     "strategy": check_text,
     "precision": lambda n, v: check_choice(n, v, PRECISIONS),
     "channels_last": check_bool,
+    "compile": check_bool,
+    "cache_on_device": lambda n, v: check_choice(n, v, CACHE_ON_DEVICE),
+    "deterministic": check_bool,
     "limit_train_batches": lambda n, v: check_number(n, v, above=0),
     "logger": lambda n, v: check_choice(n, v, LOGGERS),
 }
@@ -156,6 +160,15 @@ class TrainConfig:
         early_stop_patience: epochs without a better validation macro AUC before stopping.
         cache_size / input_size: side of the cached images and of the model input.
         workers: loader processes; precision "auto" picks bf16/fp16 AMP on GPUs, fp32 on CPUs.
+        channels_last: NHWC memory layout of the model and its input (faster convolutions).
+        compile: `torch.compile` the model (minutes of compilation at the start, then faster
+            steps on a GPU); checkpoints are the same either way, so a run resumes with or
+            without it.
+        cache_on_device: hold the image cache on the training device and augment there
+            (`training.device_data`): "on", "off", or "auto" (on a GPU whose free memory holds
+            the training and validation images four times over).
+        deterministic: repeatable kernels (`torch.use_deterministic_algorithms`, warning where
+            an operation has none) instead of cuDNN's autotuned, fastest ones.
         limit_train_batches: fraction (<=1.0) or number of training batches per epoch (quick runs).
         logger: Lightning's step-level log in logs/, "csv" or "tensorboard" (metrics.csv, one
             row per epoch, is written either way).
@@ -191,6 +204,9 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    compile: bool = False
+    cache_on_device: str = "auto"
+    deterministic: bool = False
     limit_train_batches: float = 1.0
     logger: str = "csv"
 

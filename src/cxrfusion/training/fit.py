@@ -31,11 +31,13 @@ from cxrfusion.training.callbacks import AtomicCheckpointIO, EpochMetrics, TwoPh
 from cxrfusion.training.config import TrainConfig
 from cxrfusion.training.data import CxrDataModule
 from cxrfusion.training.launch import ddp_strategy, launch_rank
+from cxrfusion.training.losses import ASL_NAN
 from cxrfusion.training.module import MONITOR, CxrClassifier
 from cxrfusion.training.progress import progress_bar
 from cxrfusion.training.resume import RandomState
 
 log = logging.getLogger(__name__)
+COMPILE_OPTIONS: dict[str, object] = {}  # torch.compile's arguments under --compile (tests: eager)
 EXPECTED_WARNINGS = (  # lines a user cannot act on, kept out of the log
     r"Checkpoint directory .* exists and is not empty",  # config.yaml etc. are there by design
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning's call of a deprecated torch API
@@ -62,7 +64,11 @@ def _data(config: TrainConfig, split_file: Path) -> CxrDataModule:
     for name in ("train", "val"):
         if len(datasets[name]) == 0:
             raise CxrError(f"{split_file}: the {name} split is empty")
-    return CxrDataModule(datasets, config.batch_size, config.workers, config.seed)
+    if config.loss == "asl" and torch.isnan(datasets["train"].targets).any():
+        raise CxrError(f"{split_file}: some training labels are unknown (NaN); {ASL_NAN}")
+    return CxrDataModule(
+        datasets, config.batch_size, config.workers, config.seed, config.cache_on_device
+    )
 
 
 def _logger(config: TrainConfig, run_dir: Path) -> Logger:
@@ -122,7 +128,7 @@ def _write_run_files(config: TrainConfig, run_dir: Path, resume: bool) -> None:
 
 
 def _module(config: TrainConfig) -> CxrClassifier:
-    return CxrClassifier(
+    module = CxrClassifier(
         model=config.model,
         weights=config.weights,
         loss=config.loss,
@@ -134,6 +140,9 @@ def _module(config: TrainConfig) -> CxrClassifier:
         plateau_factor=config.plateau_factor,
         channels_last=config.channels_last,
     )
+    if config.compile:
+        module.compile_model(**COMPILE_OPTIONS)
+    return module
 
 
 def _trainer(config: TrainConfig, run_dir: Path, frozen_phase: bool) -> L.Trainer:
@@ -172,7 +181,10 @@ def _trainer(config: TrainConfig, run_dir: Path, frozen_phase: bool) -> L.Traine
         use_distributed_sampler=False,  # CxrDataModule shards with its own seeded samplers
         log_every_n_steps=10,
         num_sanity_val_steps=0,
-        deterministic=False,
+        # Set here, where the run starts: cuDNN times its algorithms for each new input shape
+        # once and keeps the fastest; --deterministic trades that for repeatable kernels.
+        benchmark=not config.deterministic,
+        deterministic="warn" if config.deterministic else False,
     )
 
 

@@ -11,6 +11,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSSES = ("focal", "bce", "asl")
+ASL_NAN = "loss 'asl' cannot mask unknown (NaN) labels: use focal or bce"
 
 
 def masked_mean(elementwise: LossFn) -> LossFn:
@@ -55,8 +56,10 @@ def create_loss(name: str = "focal", alpha: float = 0.25, gamma: float = 2.0) ->
         asl = AsymmetricLossMultiLabel()
 
         def asymmetric(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            if torch.isnan(targets).any():
-                raise ValueError("loss 'asl' cannot mask unknown (NaN) labels: use focal or bce")
+            # Checked on CPU tensors only: on a GPU the check would stall every training step
+            # waiting for the answer; training checks its whole split once instead (fit._data).
+            if targets.device.type == "cpu" and torch.isnan(targets).any():
+                raise ValueError(ASL_NAN)
             return asl(logits, targets)
 
         return asymmetric

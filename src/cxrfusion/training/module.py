@@ -57,12 +57,27 @@ class CxrClassifier(L.LightningModule):
         x = normalize(images, self.model.mean, self.model.std)
         return self.model(x.contiguous(memory_format=self._memory_format))
 
+    def compile_model(self, **options: object) -> None:
+        """`torch.compile` the model in place (`nn.Module.compile`): its calls run compiled, its
+        parameters and state-dict keys stay the same, so checkpoints load with or without it.
+
+        Only `model(x)` is compiled; normalisation runs before it, eagerly. A phase switch or
+        validation (eval mode) compiles once more, then the graphs are reused.
+
+        Args:
+            options: `torch.compile`'s keyword arguments (default backend: inductor).
+        """
+        self.model.compile(**options)
+
     def freeze_backbone(self, frozen: bool) -> None:
         """Phase 1 trains the head alone (the model keeps frozen BatchNorm statistics too)."""
         self.backbone_frozen = frozen and self.model.has_backbone
         self.model.freeze_backbone(self.backbone_frozen)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """One step that never waits for the device: the loss is accumulated on the device by
+        Lightning and read once per epoch (logged per epoch only, never per step, so no step
+        turns a device tensor into a Python float)."""
         images, targets = batch[0], batch[1]
         loss = self.loss_fn(self(images), targets)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
