@@ -48,9 +48,10 @@ def test_the_device_warp_gives_the_loaders_image_for_the_same_parameters(size, a
     on_device = augment_batch(torch.from_numpy(images), size, augmentation, torch.from_numpy(draws))
     assert on_device.dtype == torch.uint8 and on_device.shape == (len(images), 1, size, size)
     difference = _differences(on_cpu, on_device)
-    # OpenCV interpolates in fixed point (1/32 pixel, 15-bit weights), grid_sample in float32
-    assert difference.max() <= 3 and (difference > 1).mean() < 1e-3, difference.max()
-    assert difference.mean() < 0.05
+    # OpenCV interpolates in fixed point (1/32 pixel, 15-bit weights), grid_sample in float32:
+    # OpenCV 5 agrees to 2 grey levels (mean 4e-5), OpenCV 4 to 5 at steep edges (mean 0.045)
+    assert difference.max() <= 6 and (difference > 2).mean() < 1e-3, difference.max()
+    assert difference.mean() < 0.1
     # ... and a different parameter is a different image: the agreement above is not trivial
     other = draws.copy()
     other[:, 2] = -other[:, 2]
@@ -65,7 +66,8 @@ def test_the_device_resize_is_the_loaders_resize():
         difference = _differences(
             resize(images, size), resize_batch(torch.from_numpy(images), size)
         )
-        assert difference.max() <= 1 and difference.mean() < 0.05
+        # rounding apart (OpenCV 4: one grey level in up to 12 % of pixels at 64 px)
+        assert difference.max() <= 2 and difference.mean() < 0.15
     same = resize_batch(torch.from_numpy(images), 256)
     np.testing.assert_array_equal(same[:, 0].numpy(), images)  # equal sides: a copy
 

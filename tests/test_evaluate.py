@@ -46,7 +46,7 @@ def saturated(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_predictions_csv_reproduces_every_auc_and_auprc_of_metrics_json(saturated: Path) -> None:
     metrics = json.loads((saturated / "metrics.json").read_text())
-    predictions = pd.read_csv(saturated / "predictions.csv")
+    predictions = pd.read_csv(saturated / "predictions.csv", float_precision="round_trip")
     probabilities = predictions[list(LABELS)].to_numpy()
     # Saturated: 6 significant digits would write many of these as 1 or 0 and tie them.
     assert ((probabilities > 1 - 1e-6) | (probabilities < 1e-12)).mean() > 0.1

@@ -65,7 +65,7 @@ def run_and_external(mc_dropout_run, tmp_path_factory):
 
 
 def _predictions(folder) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    frame = pd.read_csv(folder / "predictions.csv")
+    frame = pd.read_csv(folder / "predictions.csv", float_precision="round_trip")
     y = frame[[f"true_{label}" for label in LABELS]].to_numpy(float)
     return y, frame[list(LABELS)].to_numpy(float), frame
 
@@ -75,7 +75,7 @@ def test_external_report_is_recomputable_from_both_prediction_files(run_and_exte
     argv = ["external", "--run", str(run), "--prepared", str(external), "--split", "all", *FAST]
     assert main(argv) == 0, capsys.readouterr().err
     out = run / "external_chexpert_prepared_all" / "vs_internal"
-    table = pd.read_csv(out / "external.csv", index_col="finding")
+    table = pd.read_csv(out / "external.csv", index_col="finding", float_precision="round_trip")
     y_int, p_int, _ = _predictions(run / "eval_test")
     y_ext, p_ext, _ = _predictions(run / "external_chexpert_prepared_all")
     auc_int, auc_ext = per_class_auc(y_int, p_int), per_class_auc(y_ext, p_ext)

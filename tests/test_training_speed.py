@@ -60,7 +60,8 @@ def test_a_batch_from_the_device_cache_is_the_loaders_batch_for_the_same_keys():
         images, targets, indices = cache.batch(rows, dataset)
         expected = torch.stack([sample[0] for sample in loader])
         assert images.shape == expected.shape == (len(keys), 1, 24, 24)
-        assert (images.int() - expected.int()).abs().max() <= 3, name
+        # the two warps agree to OpenCV's fixed-point rounding (tests/test_device_augment.py)
+        assert (images.int() - expected.int()).abs().max() <= 6, name
         torch.testing.assert_close(targets, torch.stack([sample[1] for sample in loader]))
         torch.testing.assert_close(indices, torch.stack([sample[2] for sample in loader]))
 
