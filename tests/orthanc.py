@@ -86,6 +86,7 @@ def dicomweb_plugin() -> Path:
 def running_orthanc(folder: Path, modalities: dict | None = None) -> Iterator[Orthanc]:
     """Orthanc on free loopback ports, storing into `folder`, with a test user."""
     http, dicom = free_port(), free_port()
+    folder.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "cxrfusion-test",
         "HttpPort": http,
