@@ -244,7 +244,7 @@ def test_phantom_false_negative_rate_over_random_splits_is_at_most_alpha(
     from cxrfusion.inference.runs import load_run
     from cxrfusion.stats.uncertainty import summarise_samples
 
-    module, config = load_run(calibrated_run)
+    model, config = load_run(calibrated_run)
     datasets = split_datasets(
         Path(config.prepared),
         config.cache_size,
@@ -254,7 +254,7 @@ def test_phantom_false_negative_rate_over_random_splits_is_at_most_alpha(
     split = read_split(calibrated_run / "split.csv")
     summary = summarise_samples(
         np.concatenate(
-            [expit(predict_sample_logits(module.model, datasets[s], 5)) for s in ("val", "test")],
+            [expit(predict_sample_logits(model, datasets[s], 5)) for s in ("val", "test")],
             axis=1,
         )
     )

@@ -130,7 +130,7 @@ def test_cli_export_writes_model_json_with_what_inference_needs(exported_run):
     card = json.loads((folder / "model.json").read_text())
     assert card["labels"] == list(LABELS)
     assert (card["input_size"], card["cache_size"], card["model"]) == (64, 64, "test_efficientnet")
-    model = load_run(run)[0].model
+    model = load_run(run)[0]
     assert card["normalization"] == {"mean": list(model.mean), "std": list(model.std)}
     assert card["threshold"] == 0.2
     assert card["temperatures"] == dict.fromkeys(LABELS, 1.5)
@@ -164,7 +164,7 @@ def test_onnx_mc_dropout_samples_the_distribution_of_the_pytorch_fast_path(
     """T = 400 draws each, 4 images x 14 classes: per-class means and stds must agree within 5
     standard errors (the largest of 112 comparisons of truly equal distributions is ~3.5 SE)."""
     run, folder, _ = exported_run
-    model = load_run(run)[0].model
+    model = load_run(run)[0]
     x = radiographs(nih_sample, 4, model=model)
     torch_samples = mc_dropout_samples(model, x, 400, mode="head", seed=0).numpy()
     engine = OnnxEngine(folder)
@@ -188,7 +188,7 @@ def test_onnx_samples_each_image_under_its_own_seed_exactly_as_it_samples_it_alo
     exported_run, nih_sample, monkeypatch
 ):
     run, folder, _ = exported_run
-    x = radiographs(nih_sample, 4, model=load_run(run)[0].model).numpy()
+    x = radiographs(nih_sample, 4, model=load_run(run)[0]).numpy()
     engine = OnnxEngine(folder)
     features = engine.features  # image by image: features that cannot depend on the batch
     monkeypatch.setattr(

@@ -326,7 +326,7 @@ def test_temperature_scaling_of_the_trained_mc_predictor_lowers_nll(mc_dropout_r
         Path(config.prepared), config.cache_size, config.input_size,
         split_file=mc_dropout_run / "split.csv",
     )  # fmt: skip
-    logits = {name: predict_sample_logits(model.model, data[name], 5) for name in ("val", "test")}
+    logits = {name: predict_sample_logits(model, data[name], 5) for name in ("val", "test")}
     y = {name: data[name].targets.numpy() for name in logits}
 
     def split_nll(name: str, temperature: np.ndarray | float, scale: np.ndarray | float = 1.0):

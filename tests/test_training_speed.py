@@ -231,4 +231,4 @@ def test_a_compiled_run_trains_resumes_and_loads_without_compiling(prepared, tmp
     assert len(compiles) == 2
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [0, 1]
     model, _ = load_run(out)
-    assert model.model._compiled_call_impl is None  # inference runs the plain model
+    assert model._compiled_call_impl is None  # inference runs the plain model

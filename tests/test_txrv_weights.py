@@ -134,10 +134,10 @@ def test_trained_run_records_the_mapping_and_reloads_txrvs_features(
     text = (run / "config.yaml").read_text()
     assert f"TorchXRayVision state dict {path}" in text and "input mapping" in text
     assert yaml.safe_load(text)["weights"] == f"torchxrayvision:{path}"
-    module, _ = load_run(run)
+    model, _ = load_run(run)
     images = _images(64, count=4)
     with torch.no_grad():
-        ours = module.model.features(_ours(images))
+        ours = model.features(_ours(images))
     _assert_same(ours, _theirs(xrv, net, images))
 
 

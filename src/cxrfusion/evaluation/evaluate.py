@@ -225,8 +225,8 @@ def evaluate(
     )
     out = _check_out(Path(out), run_dir) if out else run_dir / default
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module, config = load_run(checkpoint, device)
-    model = module.model.to(memory_format=torch.channels_last)
+    model, config = load_run(checkpoint, device)
+    model = model.to(memory_format=torch.channels_last)
     split = read_split(run_dir / "split.csv")
     if external is None:
         data = load_split_data(run_dir, config, {options.split, TUNING_SPLIT})

@@ -162,7 +162,7 @@ def calibrate_run(
     checkpoint = resolve_checkpoint(run)
     run_dir = checkpoint.parent
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module, config = load_run(checkpoint, device)
+    model, config = load_run(checkpoint, device)
     split_file = run_dir / "split.csv"
     val = split_datasets(
         Path(config.prepared), config.cache_size, config.input_size, split_file=split_file
@@ -171,7 +171,7 @@ def calibrate_run(
         raise CxrError(f"{split_file}: the validation split is empty; nothing to calibrate on")
     split = read_split(split_file)
     rows = split[split["split"] == "val"]
-    logits = predict_sample_logits(module.model, val, mc_samples, mc_mode, batch_size, seed)
+    logits = predict_sample_logits(model, val, mc_samples, mc_mode, batch_size, seed)
     summary = summarise_samples(expit(logits))
     fitted = conformal.fit_calibration(
         rows[list(conformal.LABELS)].to_numpy(),

@@ -304,8 +304,7 @@ def export_run(
     from cxrfusion.stats.temperature import read_temperature
 
     run = Path(run)
-    module, config = load_run(run)
-    model = module.model
+    model, config = load_run(run)
     run = run if run.is_dir() else run.parent  # a checkpoint: its run directory
     images, source = parity_images(run, config)
     int8 = None if quantize is None else check_images(run, config)

@@ -13,8 +13,9 @@ import torch
 
 from cxrfusion.data.split import read_split
 from cxrfusion.errors import CxrError
+from cxrfusion.labels import LABELS
+from cxrfusion.models import CxrModel, create_model
 from cxrfusion.training.config import TrainConfig
-from cxrfusion.training.module import CxrClassifier
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,11 @@ def resolve_checkpoint(path: Path) -> Path:
     return checkpoint
 
 
-def load_run(path: Path, device: str | torch.device = "cpu") -> tuple[CxrClassifier, TrainConfig]:
-    """The trained classifier (eval mode) and the config of its run.
+def load_run(path: Path, device: str | torch.device = "cpu") -> tuple[CxrModel, TrainConfig]:
+    """The trained model (eval mode) and the config of its run.
+
+    The model is rebuilt from the checkpoint's hyperparameters and its weights loaded without
+    Lightning, whose import alone takes seconds that `predict` and `serve` should not pay.
 
     Args:
         path: a run directory or a checkpoint inside one (its folder holds config.yaml).
@@ -42,13 +46,20 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> tuple[CxrClassif
             f"{checkpoint}: no config.yaml beside it; a checkpoint must sit in its run directory"
         )
     config = TrainConfig.from_yaml(config_file)
-    _check_checkpoint(checkpoint)
+    content = _read_checkpoint(checkpoint)
+    prefix = "model."  # the LightningModule's attribute holding the model
+    state = {
+        key.removeprefix(prefix): value
+        for key, value in content["state_dict"].items()
+        if key.startswith(prefix)
+    }
     try:
         # The checkpoint holds every weight: never download pretrained ones again.
-        model = CxrClassifier.load_from_checkpoint(checkpoint, map_location=device, weights="none")
-    except (RuntimeError, KeyError) as error:  # e.g. weights that do not fit the model
+        model = create_model(content["hyper_parameters"]["model"], len(LABELS), weights="none")
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as error:  # e.g. weights that do not fit the model
         raise CxrError(f"{checkpoint}: cannot be loaded ({_first_line(error)})") from None
-    return model.eval(), config
+    return model.to(device).eval(), config
 
 
 def _first_line(error: BaseException) -> str:
@@ -57,14 +68,14 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _check_checkpoint(checkpoint: Path) -> None:
-    """Refuse a file that is not a Lightning checkpoint: text, truncated, corrupt or foreign."""
+def _read_checkpoint(checkpoint: Path) -> dict:
+    """A checkpoint of `cxrfusion train` (tensors on the CPU, mapped from the file, not read);
+    text, truncated, corrupt or foreign files are refused."""
     if not zipfile.is_zipfile(checkpoint):
         raise CxrError(
             f"{checkpoint}: not a checkpoint (text, truncated or corrupt; torch.save writes a zip)"
         )
     try:
-        # mmap: only the structure is read here, the tensors stay on disk.
         content = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError, OSError) as error:
         raise CxrError(f"{checkpoint}: not a readable checkpoint ({_first_line(error)})") from None
@@ -72,6 +83,7 @@ def _check_checkpoint(checkpoint: Path) -> None:
     missing = [k for k in keys if k not in content] if isinstance(content, dict) else list(keys)
     if missing:
         raise CxrError(f"{checkpoint}: not a checkpoint of `cxrfusion train` (no {missing[0]})")
+    return content
 
 
 DEFAULT_THRESHOLD = 0.1  # the report's review threshold on the uncertainty score

@@ -65,9 +65,8 @@ def load_torch(run: Path, device: str | None = None) -> tuple[TorchEngine, Model
         device: "cpu", "cuda", ...; default CUDA when available.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    module, config = load_run(Path(run), device)
+    model, config = load_run(Path(run), device)
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
-    model = module.model
     spec = ModelSpec(
         labels=LABELS,
         model=config.model,
