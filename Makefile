@@ -56,7 +56,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(CX) synth --out $(DEMO)/phantoms --n 2000 --seed 0 --workers 2
 	$(CX) prepare --data $(DEMO)/phantoms --out $(DEMO)/prepared --size 128 --patient-fraction 1.0 --workers 2
-	$(CX) train --prepared $(DEMO)/prepared --model simple_cnn --out $(DEMO)/simple_cnn $(QUICK) --input-size 64 --batch-size 8 --epochs 12 --lr 3e-3 --plateau-patience 20 --early-stop-patience 20
+	$(CX) train --prepared $(DEMO)/prepared --model simple_cnn --out $(DEMO)/simple_cnn $(QUICK) --input-size 64 --batch-size 8 --epochs 8 --lr 3e-3 --plateau-patience 20 --early-stop-patience 20
 	$(CX) train --prepared $(DEMO)/prepared --model fusion --out $(DEMO)/fusion $(QUICK) --input-size 64 --epochs 2 --phase1-epochs 0 --lr 3e-4
 	$(CX) evaluate --run $(DEMO)/simple_cnn
 	$(CX) evaluate --run $(DEMO)/fusion --temperature-scale
