@@ -3,6 +3,7 @@ recomputable from the two predictions.csv files, and a warning when "external" i
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -113,6 +114,12 @@ def test_a_second_comparison_reuses_the_evaluations_and_refuses_mismatched_ones(
     assert main([*argv, "--mc-samples", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "mc_samples" in err and "--reevaluate" in err and len(err.splitlines()) == 1
+    checkpoint = run / "best.ckpt"  # written again after the evaluations, as by a resume
+    later = (run / "eval_test" / "metrics.json").stat().st_mtime + 60
+    os.utime(checkpoint, (later, later))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "evaluated before" in err and "--reevaluate" in err and len(err.splitlines()) == 1
 
 
 def test_the_runs_own_data_as_external_is_called_not_independent(

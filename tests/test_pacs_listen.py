@@ -277,3 +277,18 @@ def test_an_unreadable_file_fails_at_once_and_is_set_aside(spooled):
     assert Listener(settings, intake, sender=pytest.fail).handle(path) == "failed"
     assert not path.exists() and (settings.spool / "failed" / path.name).exists()
     assert "not a readable DICOM" in intake.state.rows()[0]["reason"]
+
+
+def test_an_unexpected_error_fails_its_instance_and_the_worker_goes_on(spooled):
+    """pynetdicom raises ValueError when the destination accepted none of our SOP classes."""
+    intake, settings, source = spooled
+    path = Spool(settings.spool).write(source.SOPInstanceUID, dicom_bytes(source))
+
+    def no_context(_):
+        raise ValueError("no presentation context for the SR")
+
+    listener = Listener(settings, intake, sender=no_context)
+    assert listener.handle(path) == "failed"
+    assert not path.exists() and (settings.spool / "failed" / path.name).exists()
+    assert "ValueError: no presentation context" in intake.state.rows()[0]["reason"]
+    assert listener.progress.error is None

@@ -209,7 +209,7 @@ class Listener:
         if calling not in self.settings.allowed:  # the association check already refuses them
             return NOT_AUTHORISED
         uid = str(event.request.AffectedSOPInstanceUID or "")
-        if len(uid) > 64 or not _UID.match(uid):
+        if len(uid) > 64 or not _UID.fullmatch(uid):
             log.warning("C-STORE from %s: SOP Instance UID %r is not a UID", calling, uid[:80])
             return CANNOT_UNDERSTAND
         try:
@@ -276,7 +276,14 @@ class Listener:
             )
         else:
             steps = Steps(header=lambda: dataset, dataset=lambda: dataset, send=self._send)
-            outcome = self.intake.handle(dataset, steps)
+            try:
+                outcome = self.intake.handle(dataset, steps)
+            except Exception as error:  # e.g. a destination refusing our SOP classes: this
+                # instance fails for good, the worker goes on (a retry would fail the same way)
+                log.error("%s: failed (%s: %s)", uid, type(error).__name__, error)
+                reason = f"{type(error).__name__}: {error}"
+                audit = self.intake.processor.audit(dataset)
+                outcome = self.intake.record(uid, "failed", reason, audit, start, retry=False)
         status = state.status(uid)
         if status == "failed":
             self.spool.set_aside(path)

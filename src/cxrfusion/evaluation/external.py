@@ -153,6 +153,11 @@ def _side(run: Path, folder: Path, options: ExternalOptions, prepared: Path | No
         log.info("evaluating %s into %s", run, folder)
         evaluate(run, None, wanted)
     metrics = json.loads((folder / "metrics.json").read_text())
+    if resolve_checkpoint(run).stat().st_mtime > (folder / "metrics.json").stat().st_mtime:
+        raise CxrError(
+            f"{folder}: evaluated before {resolve_checkpoint(run)} was last written (a resumed "
+            "run?): use --reevaluate to evaluate both sides with the checkpoint as it is"
+        )
     for key in _MATCHED:
         used, asked = metrics["options"][key], getattr(wanted, key)
         if used != asked:

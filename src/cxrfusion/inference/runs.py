@@ -48,16 +48,16 @@ def load_run(path: Path, device: str | torch.device = "cpu") -> tuple[CxrModel, 
     config = TrainConfig.from_yaml(config_file)
     content = _read_checkpoint(checkpoint)
     prefix = "model."  # the LightningModule's attribute holding the model
-    state = {
-        key.removeprefix(prefix): value
-        for key, value in content["state_dict"].items()
-        if key.startswith(prefix)
-    }
     try:
+        state = {
+            key.removeprefix(prefix): value
+            for key, value in content["state_dict"].items()
+            if key.startswith(prefix)
+        }
         # The checkpoint holds every weight: never download pretrained ones again.
         model = create_model(content["hyper_parameters"]["model"], len(LABELS), weights="none")
         model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError) as error:  # e.g. weights that do not fit the model
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:  # e.g. unfitting weights
         raise CxrError(f"{checkpoint}: cannot be loaded ({_first_line(error)})") from None
     return model.to(device).eval(), config
 

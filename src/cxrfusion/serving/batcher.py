@@ -46,6 +46,7 @@ class Batcher(Generic[A, T]):
         self._fn = fn
         self._queue: queue.SimpleQueue[tuple[A, Future[T]] | None] = queue.SimpleQueue()
         self._closed = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="cxrfusion-model", daemon=True)
         self._thread.start()
 
@@ -55,16 +56,18 @@ class Batcher(Generic[A, T]):
         A future cancelled before its batch starts is left out of the batch.
         """
         future: Future[T] = Future()
-        if self._closed:
-            future.cancel()
-        else:
-            self._queue.put((item, future))
+        with self._lock:  # with close(): nothing is queued behind the closing mark
+            if self._closed:
+                future.cancel()
+            else:
+                self._queue.put((item, future))
         return future
 
     def close(self) -> None:
         """Cancel the waiting items and stop the thread after the running batch."""
-        self._closed = True
-        self._queue.put(None)
+        with self._lock:
+            self._closed = True
+            self._queue.put(None)
 
     def _loop(self) -> None:
         closing = False
