@@ -158,6 +158,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("pacs-listen-port-zero", [*LISTEN, *SEND_TO, "--port", "0"], "--port"),
     ("pacs-listen-long-ae-title", [*LISTEN, *SEND_TO, "--ae-title", "A" * 17], "--ae-title"),
     ("pacs-listen-port-in-use", [*LISTEN, *SEND_TO, "--port", BUSY_PORT], "in use"),
+    ("pacs-listen-open-without-allow-ae", [*LISTEN, *SEND_TO, "--host", "0.0.0.0"], "--allow-ae"),
     (
         "pacs-listen-missing-run",
         ["pacs", "listen", "--run", "nowhere", *SEND_TO, "--port", FREE_PORT],

@@ -52,6 +52,9 @@ def test_unpaired_difference_resamples_each_set_on_its_own():
     np.testing.assert_allclose(width[:2], expected[:2], rtol=0.2)
     assert (result["ci_low"][:2] < result["difference"][:2]).all()
     assert (result["difference"][:2] < result["ci_high"][:2]).all()
+    # Valid resamples: the compared findings' on both sides, the macro's where all are defined.
+    assert result["n_valid"][2] == 0 and (result["n_valid"][:2] <= 400).all()
+    assert result["macro_n_valid"] <= result["n_valid"][:2].min()
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,9 @@ def test_external_report_is_recomputable_from_both_prediction_files(run_and_exte
     html = (out / "external.html").read_text()
     assert "data:image/png;base64," in html and "Not independent" not in html
     assert (out / "forest.png").read_bytes().startswith(b"\x89PNG")
+    valid = table["resamples_valid"]  # of the 50 resamples of FAST
+    assert ((valid >= 1) & (valid <= 50)).all()
+    assert valid["Macro"] <= valid.drop(index="Macro").min()
 
 
 def test_a_second_comparison_reuses_the_evaluations_and_refuses_mismatched_ones(

@@ -140,7 +140,7 @@ def add_pacs(sub: argparse._SubParsersAction) -> None:
     listen.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (127.0.0.1; 0.0.0.0 for every interface)",
+        help="address to listen on (127.0.0.1; 0.0.0.0 for every interface, with --allow-ae)",
     )
     listen.add_argument("--ae-title", default="CXRFUSION", help="our AE title (CXRFUSION)")
     listen.add_argument(

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 NOT_AUTHORISED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # also what makes it safe as a file name
 
 
@@ -78,6 +79,12 @@ class ListenSettings:
         object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "--ae-title"))
         check_port(self.port)
         allowed = tuple(check_ae_title(t, "--allow-ae") for t in self.allowed)
+        if not allowed and self.host not in _LOOPBACK:
+            raise CxrError(
+                f"--host {self.host} takes associations from other machines: name the calling AE "
+                "titles to accept with --allow-ae (AE titles are not authenticated, and the "
+                "default, the destination's, is easy to guess)"
+            )
         object.__setattr__(self, "allowed", allowed or (self.destination.ae_title,))
         if self.queue_size < 1:
             raise CxrError(f"queue size must be >= 1, got {self.queue_size}")

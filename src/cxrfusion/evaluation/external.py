@@ -193,7 +193,8 @@ def comparison_table(internal: Side, external: Side, n_resamples: int, seed: int
     Columns (suffix `_internal` / `_external`): positives, prevalence, auc with ci_low/ci_high,
     sensitivity and specificity at the validation-chosen Youden threshold (`threshold`) and at
     the target-sensitivity threshold (`_at_target`), ece; and `auc_difference` (external -
-    internal) with `difference_ci_low` / `difference_ci_high`.
+    internal) with `difference_ci_low` / `difference_ci_high`, and `resamples_valid`: how many
+    of the resamples had the finding (every finding, for Macro) defined on both sides.
     """
     diff = unpaired_bootstrap_auc_difference(
         (internal.y, internal.probabilities, internal.patients),
@@ -211,6 +212,7 @@ def comparison_table(internal: Side, external: Side, n_resamples: int, seed: int
     columns["auc_difference"] = diff["difference"]
     columns["difference_ci_low"] = diff["ci_low"]
     columns["difference_ci_high"] = diff["ci_high"]
+    columns["resamples_valid"] = diff["n_valid"]  # of `n_resamples`: the intervals rest on these
     for rule, suffix in (("youden", ""), ("sensitivity_target", "_at_target")):
         columns[f"threshold{suffix}"] = np.array(
             [_operating_point(internal, label, rule, "threshold") for label in LABELS]
@@ -233,6 +235,7 @@ def comparison_table(internal: Side, external: Side, n_resamples: int, seed: int
         "auc_difference": diff["macro_difference"],
         "difference_ci_low": diff["macro_ci_low"],
         "difference_ci_high": diff["macro_ci_high"],
+        "resamples_valid": diff["macro_n_valid"],
     }
     table.loc[MACRO] = pd.Series(macro)
     return table
@@ -259,6 +262,7 @@ def _discrimination(table: pd.DataFrame) -> pd.DataFrame:
         shown[f"95 % CI {name}"] = _intervals(table, f"ci_low_{name}", f"ci_high_{name}")
     shown["difference"] = [f"{v:+.3f}" for v in table["auc_difference"]]
     shown["95 % CI difference"] = _intervals(table, "difference_ci_low", "difference_ci_high")
+    shown["valid resamples"] = [f"{int(v):,}" for v in table["resamples_valid"]]
     return shown
 
 
@@ -299,7 +303,9 @@ def _sections(internal: Side, external: Side, table: pd.DataFrame, forest: Path)
             text=f"{counts}.\n\nPer finding scored on both sides (positives and negatives "
             "among the known labels of each); Macro averages those findings. Intervals: 95 % "
             "patient-bootstrap percentile intervals, each data set resampled by patient on its "
-            "own; difference = external - internal."
+            "own; difference = external - internal. Valid resamples: those in which the "
+            "finding (for Macro, every finding) had positives and negatives on both sides; an "
+            "interval resting on far fewer than all of them is fragile."
             + (
                 f"\n\nNot compared (unscored on one side): {', '.join(unscored)}."
                 if unscored

@@ -304,7 +304,8 @@ def unpaired_bootstrap_auc_difference(
     Returns:
         dict of (C,) arrays `auc_a`, `ci_low_a`, `ci_high_a`, `auc_b`, `ci_low_b`, `ci_high_b`,
         `difference`, `ci_low`, `ci_high`, `n_valid` (resamples in which both sides were
-        defined), the bool array `in_macro`, and floats `macro_a`, `macro_b`,
+        defined; `macro_n_valid[_a|_b]`: every class of the macro), the bool array `in_macro`, and
+        floats `macro_a`, `macro_b`,
         `macro_difference`, with intervals `macro_ci_low[_a|_b]`, `macro_ci_high[_a|_b]`
         (the difference's without suffix); NaN where undefined.
     """
@@ -332,9 +333,9 @@ def unpaired_bootstrap_auc_difference(
         ("", None, differences),
     ):
         macro_reps = reps[:, both].mean(axis=1) if both.any() else np.full(n_resamples, np.nan)
-        out[f"macro_ci_low{suffix}"], out[f"macro_ci_high{suffix}"], _ = _percentile_interval(
-            macro_reps, level
-        )
+        low, high, valid = _percentile_interval(macro_reps, level)
+        out[f"macro_ci_low{suffix}"], out[f"macro_ci_high{suffix}"] = low, high
+        out[f"macro_n_valid{suffix}"] = valid
         if point is not None:
             out[f"macro{suffix}"] = macro_auc(point[both])
     out["macro_difference"] = out["macro_b"] - out["macro_a"]
