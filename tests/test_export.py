@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -377,6 +378,27 @@ def int8_export(exported_run) -> tuple[Path, str]:
             == 0
         )
     return run / "int8", out.getvalue()
+
+
+def test_onnx_runtimes_quantiser_warnings_stay_out_of_the_users_way(exported_run, tmp_path):
+    """It warns on the root logger about each BatchNorm weight; a user sees them with -v only."""
+    _, folder, _ = exported_run
+    seen: list[logging.LogRecord] = []
+    collect = logging.Handler()
+    collect.emit = seen.append
+    root = logging.getLogger()
+    root.addHandler(collect)
+    level = root.level
+    try:
+        images = np.random.default_rng(0).normal(size=(4, 3, SIZE, SIZE)).astype(np.float32)
+        for verbose in (False, True):  # the CLI's root level without and with -v
+            root.setLevel(logging.INFO if verbose else logging.WARNING)
+            quantize.quantize_graph(folder / "features.onnx", tmp_path / "int8.onnx", images)
+            warned = [r for r in seen if r.name == "root" and r.levelno == logging.WARNING]
+            assert bool(warned) == verbose, [r.getMessage() for r in warned][:3]
+    finally:
+        root.setLevel(level)
+        root.removeHandler(collect)
 
 
 def test_int8_export_writes_a_quantised_features_graph_and_records_its_check(int8_export):

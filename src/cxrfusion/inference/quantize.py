@@ -13,6 +13,8 @@ macro AUC on the check images is within `AUC_TOLERANCE` of FP32's (or when force
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -205,7 +207,25 @@ def quantize_graph(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
             return None if batch is None else {"image": batch}
 
     first_conv = next(n.name for n in onnx.load(fp32).graph.node if n.op_type == "Conv")
-    quantize_static(str(fp32), str(int8), Reader(), nodes_to_exclude=[first_conv], **SETTINGS)
+    with _root_warnings_hidden():
+        quantize_static(str(fp32), str(int8), Reader(), nodes_to_exclude=[first_conv], **SETTINGS)
+
+
+@contextmanager
+def _root_warnings_hidden() -> Iterator[None]:
+    """ONNX Runtime's quantiser warns on the root logger about every weight it keeps per tensor
+    (each BatchNorm's: dozens of lines nobody can act on); they show with -v (root at INFO) only.
+    A NullHandler keeps `logging.warning` from installing a stderr handler of its own meanwhile."""
+    root = logging.getLogger()
+    level, quiet = root.level, logging.NullHandler()
+    root.addHandler(quiet)
+    if level > logging.INFO or level == logging.NOTSET:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.removeHandler(quiet)
 
 
 def check_int8(
