@@ -249,5 +249,6 @@ def plot_forest(table: dict[str, np.ndarray], names: Sequence[str], path: Path) 
     ax.set_yticklabels(rows, fontsize=9)
     ax.set_xlim(min(0.4, float(np.nanmin([table["ci_low_a"], table["ci_low_b"]]) - 0.02)), 1.0)
     ax.grid(axis="x", color="#e0e0e0", linewidth=0.6)
-    ax.legend(loc="lower left", fontsize=8, frameon=False)
+    # above the axes: inside, it would cover whatever row has low AUCs
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     return save_figure(figure, path)
